@@ -1,0 +1,3 @@
+"""fluxrl: reinforcement learning with flow-matching models, in JAX."""
+
+__version__ = "0.1.0"
