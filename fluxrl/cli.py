@@ -1,0 +1,187 @@
+"""The `fluxrl` command.
+
+  fluxrl data generate NAME --out FILE [--episodes N] [--seed S] [--workers W] [--overwrite]
+  fluxrl data info FILE
+  fluxrl data relabel FILE --task TASK --out FILE
+  fluxrl tasks
+  fluxrl eval TASK [--policy random|oracle] [--episodes N] [--seed S] [--video FILE]
+  fluxrl train AGENT ... | fluxrl export RUN_DIR ... | fluxrl plot RUN_DIR... --out FILE.png
+  fluxrl demo [--out DIR]
+
+User errors print one sentence and exit with status 2; nothing already on disk is replaced without --overwrite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from fluxrl.errors import FluxrlError
+
+ENGINE_COMMANDS = ("train", "export", "plot")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's usage errors: one line, status 2, like every other user error
+        raise FluxrlError(f"{self.prog}: {message}")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fluxrl", description="Reinforcement learning with flow-matching models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    data = sub.add_parser("data", help="generate, inspect and relabel datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    gen = data_sub.add_parser("generate", help="generate a dataset locally (and its -val split)")
+    gen.add_argument("name", help="dataset name, e.g. cube-single-play, pointmaze-medium-navigate, walker-explore")
+    gen.add_argument("--out", required=True, help="output .npz path; the validation split goes to <out>-val.npz")
+    gen.add_argument("--episodes", type=int, default=None, help="training episodes (default: the paper's size)")
+    gen.add_argument("--val-episodes", type=int, default=None, help="validation episodes (default: episodes/10)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    gen.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    info = data_sub.add_parser("info", help="print fields, shapes, episodes and reward statistics of a dataset")
+    info.add_argument("path")
+
+    rel = data_sub.add_parser("relabel", help="add a task's rewards and masks to a dataset, from stored states")
+    rel.add_argument("path")
+    rel.add_argument("--task", required=True)
+    rel.add_argument("--out", required=True)
+    rel.add_argument("--overwrite", action="store_true")
+
+    sub.add_parser("tasks", help="list dataset and task names")
+
+    ev = sub.add_parser("eval", help="evaluate a scripted policy on a task")
+    ev.add_argument("task")
+    ev.add_argument("--policy", choices=("random", "oracle"), default="oracle")
+    ev.add_argument("--episodes", type=int, default=10)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--video", default=None, help="write the first episodes as .mp4 or .gif")
+    ev.add_argument("--video-episodes", type=int, default=1)
+    ev.add_argument("--max-steps", type=int, default=None)
+
+    demo = sub.add_parser("demo", help="the main job on an embedded default (no download, no prior step)")
+    demo.add_argument("--out", default="demo_out")
+    demo.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def _cmd_generate(args) -> int:
+    from fluxrl.data.generate import generate
+
+    paths = generate(
+        args.name, args.out, episodes=args.episodes, seed=args.seed, workers=args.workers,
+        val_episodes=args.val_episodes, overwrite=args.overwrite, progress=not args.quiet,
+    )
+    print("wrote " + ", ".join(paths))
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from fluxrl.data.info import dataset_info
+
+    print(dataset_info(args.path))
+    return 0
+
+
+def _cmd_relabel(args) -> int:
+    from fluxrl.data.io import load_dataset, save_dataset
+    from fluxrl.data.relabel import relabel
+
+    if os.path.exists(args.out) and not args.overwrite:
+        raise FluxrlError(f"{args.out} already exists; refusing to overwrite it (pass --overwrite to replace it).")
+    data = relabel(load_dataset(args.path), args.task)
+    save_dataset(args.out, data, overwrite=args.overwrite)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_tasks(args) -> int:
+    from fluxrl.names import all_dataset_names, all_task_names
+
+    print("datasets:\n  " + "\n  ".join(all_dataset_names()))
+    print("tasks:\n  " + "\n  ".join(all_task_names()))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    import numpy as np
+
+    from fluxrl.envs import make_env
+    from fluxrl.envs.evaluate import evaluate
+    from fluxrl.envs.ogbench_envs import oracle_policy
+    from fluxrl.names import parse_task
+
+    spec = parse_task(args.task)
+    if args.episodes < 1:
+        raise FluxrlError(f"--episodes must be at least 1, got {args.episodes}.")
+    if args.policy == "oracle":
+        if spec.family == "dmc":
+            raise FluxrlError(f"There is no scripted oracle for the DMC task '{spec.name}'; use --policy random.")
+        env_fn, policy = _oracle_eval_setup(spec.name, make_env, oracle_policy)
+    else:
+        env_fn = spec.name
+        probe = make_env(spec.name)
+        space = probe.action_space
+        probe.close()
+
+        def policy(obs, rng):
+            return rng.uniform(space.low, space.high).astype(np.float32)
+
+    result = evaluate(
+        env_fn, policy, episodes=args.episodes, seed=args.seed, video_path=args.video,
+        video_episodes=args.video_episodes, max_steps=args.max_steps,
+    )
+    print(result.summary() if hasattr(result, "summary") else result)
+    return 0
+
+
+def _oracle_eval_setup(task, make_env, oracle_policy):
+    """The oracle needs the env it steers: build env and policy together."""
+    holder = {}
+
+    def env_fn(*a, **kw):
+        env = make_env(task, *a, **kw)
+        holder["policy"] = oracle_policy(env)
+        return env
+
+    def policy(obs, rng):
+        return holder["policy"](obs, rng)
+
+    return env_fn, policy
+
+
+def _cmd_demo(args) -> int:
+    from fluxrl.demo import run_demo
+
+    return run_demo(args.out, quiet=args.quiet)
+
+
+COMMANDS = {"tasks": _cmd_tasks, "eval": _cmd_eval, "demo": _cmd_demo}
+DATA_COMMANDS = {"generate": _cmd_generate, "info": _cmd_info, "relabel": _cmd_relabel}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in ENGINE_COMMANDS:
+            from fluxrl import cli_train
+
+            return cli_train.main(argv)
+        args = _build_parser().parse_args(argv)
+        if args.command == "data":
+            return DATA_COMMANDS[args.data_command](args)
+        return COMMANDS[args.command](args)
+    except FluxrlError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
