@@ -155,6 +155,8 @@ def validate(data: Mapping[str, np.ndarray], source: str) -> None:
             bad = int(np.argmax(~np.isfinite(value).reshape(n, -1).all(axis=1)))
             raise FluxrlError(f"{source}: field '{key}' contains NaN or inf (first at row {bad}).")
     obs = np.asarray(data["observations"])
+    if obs.ndim < 2:
+        raise FluxrlError(f"{source}: 'observations' must be at least 2-D (rows, ...), got shape {obs.shape}.")
     if "next_observations" in data and np.asarray(data["next_observations"]).shape != obs.shape:
         raise FluxrlError(f"{source}: 'next_observations' shape {data['next_observations'].shape} != {obs.shape}.")
     if np.asarray(data["actions"]).ndim != 2:
