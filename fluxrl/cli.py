@@ -94,7 +94,7 @@ def _cmd_relabel(args) -> int:
     if os.path.exists(args.out) and not args.overwrite:
         raise FluxrlError(f"{args.out} already exists; refusing to overwrite it (pass --overwrite to replace it).")
     data, meta = load_dataset(args.path, with_meta=True)
-    save_dataset(args.out, relabel(data, args.task), meta=meta, overwrite=args.overwrite)
+    save_dataset(args.out, relabel(data, args.task, source=args.path), meta=meta, overwrite=args.overwrite)
     print(f"wrote {args.out}")
     return 0
 

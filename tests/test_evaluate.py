@@ -1,0 +1,180 @@
+"""evaluate(): exact returns/successes/lengths on a toy env, determinism under a seed, the JAX adapter, videos."""
+
+import ctypes.util
+import os
+
+import gymnasium
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+
+from fluxrl.envs.evaluate import EvalResult, evaluate, jax_policy
+from fluxrl.envs.video import compose, write_video
+from fluxrl.errors import FluxrlError
+
+LIMIT = 10
+
+
+class Countdown(gymnasium.Env):
+    """Starts at n ~ U{3..7} (from the reset seed); a positive action counts down by one and earns reward 1;
+    reaching 0 terminates with success. Time limit LIMIT. Frames are 6x8 images whose value is 20 * n."""
+
+    observation_space = gymnasium.spaces.Box(0, 10, (1,), np.float32)
+    action_space = gymnasium.spaces.Box(-1, 1, (1,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.n, self.t = int(self.np_random.integers(3, 8)), 0
+        return np.array([self.n], np.float32), {"success": 0.0}
+
+    def step(self, action):
+        self.t += 1
+        reward = 0.0
+        if action[0] > 0:
+            self.n, reward = self.n - 1, 1.0
+        success = float(self.n == 0)
+        return np.array([self.n], np.float32), reward, bool(success), self.t >= LIMIT, {"success": success}
+
+    def render(self):
+        return np.full((6, 8, 3), 20 * self.n, np.uint8)
+
+
+def countdown(render_size=None):
+    return Countdown()
+
+
+def starts(seed, episodes):
+    """The start counts evaluate's reset seeds produce (probed through the env itself)."""
+    out = []
+    for k in range(episodes):
+        env_seed = int(np.random.SeedSequence([seed, k]).generate_state(2)[0])
+        out.append(int(Countdown().reset(seed=env_seed)[0][0]))
+    return out
+
+
+def test_exact_statistics():
+    result = evaluate(countdown, lambda obs, rng: np.ones(1), episodes=6, seed=3)
+    n = starts(3, 6)
+    assert result.lengths == n and result.returns == [float(x) for x in n] and result.successes == [1.0] * 6
+    assert result.mean_return == pytest.approx(np.mean(n)) and result.success_rate == 1.0
+    lazy = evaluate(countdown, lambda obs, rng: -np.ones(1), episodes=2, seed=3)
+    assert lazy.lengths == [LIMIT, LIMIT] and lazy.returns == [0.0, 0.0] and lazy.success_rate == 0.0
+    capped = evaluate(countdown, lambda obs, rng: np.ones(1), episodes=2, seed=3, max_steps=2)
+    assert capped.lengths == [2, 2] and capped.successes == [0.0, 0.0]
+    d = result.to_dict()
+    assert d["episodes"] == 6 and d["success_rate"] == 1.0 and "success 1.00" in result.summary()
+
+
+def random_policy(obs, rng):
+    return rng.uniform(-1, 1, size=1)
+
+
+def test_deterministic_under_a_seed():
+    a = evaluate(countdown, random_policy, episodes=5, seed=7)
+    b = evaluate(countdown, random_policy, episodes=5, seed=7)
+    c = evaluate(countdown, random_policy, episodes=5, seed=8)
+    assert (a.returns, a.lengths) == (b.returns, b.lengths)
+    assert (a.returns, a.lengths) != (c.returns, c.lengths)
+    # Episode k depends on (seed, k) only, not on how many episodes run.
+    assert evaluate(countdown, random_policy, episodes=3, seed=7).returns == a.returns[:3]
+
+
+def test_ogbench_task_by_name_is_deterministic_and_restores_numpy_rng():
+    np.random.seed(0)
+    expected = np.random.rand()
+
+    def noisy(obs, rng):
+        return rng.normal(size=2)
+
+    np.random.seed(0)
+    a = evaluate("pointmaze-medium-navigate-singletask-task1", noisy, episodes=2, seed=1, max_steps=30)
+    assert np.random.rand() == expected
+    b = evaluate("pointmaze-medium-navigate-singletask-task1", noisy, episodes=2, seed=1, max_steps=30)
+    assert isinstance(a, EvalResult) and a.task == "pointmaze-medium-navigate-singletask-task1"
+    assert a.returns == b.returns == [-30.0, -30.0] and a.lengths == [30, 30]
+
+
+def test_jax_policy_adapter():
+    import jax
+    import jax.numpy as jnp
+
+    calls = []
+
+    def act(observations, key):
+        calls.append(observations.shape)
+        return jnp.ones_like(observations) * jax.random.uniform(key, (observations.shape[0], 1))
+
+    policy = jax_policy(act)
+    a = evaluate(countdown, policy, episodes=3, seed=0)
+    b = evaluate(countdown, policy, episodes=3, seed=0)
+    assert calls[0] == (1, 1)  # batched with a leading axis of 1
+    assert a.returns == b.returns and a.success_rate == 1.0  # uniform(0, 1) actions are positive
+
+
+def test_bad_arguments():
+    with pytest.raises(FluxrlError, match="episodes"):
+        evaluate(countdown, random_policy, episodes=0)
+    with pytest.raises(FluxrlError, match=".mp4 or .gif"):
+        evaluate(countdown, random_policy, episodes=1, video_path="out.avi")
+    with pytest.raises(FluxrlError, match="max_steps"):
+        evaluate(countdown, random_policy, episodes=1, max_steps=0)
+
+
+def test_compose_layouts():
+    ep1 = [np.full((2, 3, 3), v, np.uint8) for v in (1, 2, 3)]
+    ep2 = [np.full((2, 3, 3), v, np.uint8) for v in (7, 8)]
+    seq = compose([ep1, ep2], "sequential")
+    assert [int(f[0, 0, 0]) for f in seq] == [1, 2, 3, 7, 8]
+    tiles = compose([ep1, ep2], "tile")
+    assert len(tiles) == 3 and tiles[0].shape == (2, 6, 3)
+    assert [int(f[0, 3, 0]) for f in tiles] == [7, 8, 8]  # a finished episode holds its last frame
+    three = compose([ep1, ep2, ep1], "tile")
+    assert three[0].shape == (4, 6, 3)  # 2 x 2 grid, one empty tile
+    with pytest.raises(FluxrlError, match="layout"):
+        compose([ep1], "mosaic")
+
+
+@pytest.mark.parametrize("ext", [".gif", ".mp4"])
+def test_video_from_toy_env(tmp_path, ext):
+    path = str(tmp_path / f"toy{ext}")
+    result = evaluate(countdown, lambda o, r: np.ones(1), episodes=3, seed=3, video_path=path, video_episodes=2)
+    frames = imageio.mimread(path)
+    assert result.video_path == path and os.path.getsize(path) > 0
+    assert len(frames) == max(result.lengths[:2]) + 1  # reset frame + one per step, tiles side by side
+    assert frames[0].shape[:2] == (6, 16)  # 1 x 2 grid of 6x8 tiles
+    if ext == ".gif":  # lossless: first tile shows 20 * n at reset
+        assert int(frames[0][0, 0, 0]) == 20 * result.lengths[0]
+
+
+def test_render_failure_is_one_clear_error(tmp_path):
+    class Broken(Countdown):
+        def render(self):
+            raise RuntimeError("no GL context")
+
+    with pytest.raises(FluxrlError, match="Offscreen rendering failed"):
+        evaluate(lambda render_size=None: Broken(), random_policy, episodes=1, video_path=str(tmp_path / "x.gif"))
+    assert not os.path.exists(tmp_path / "x.gif")
+
+
+def test_write_video_pads_odd_sizes_for_mp4(tmp_path):
+    frames = [np.full((5, 7, 3), 100, np.uint8)] * 4
+    write_video(str(tmp_path / "odd.mp4"), frames, fps=10)
+    back = imageio.mimread(str(tmp_path / "odd.mp4"))
+    assert len(back) == 4 and back[0].shape == (6, 8, 3)
+
+
+osmesa_missing = os.environ.get("MUJOCO_GL", "osmesa") == "osmesa" and ctypes.util.find_library("OSMesa") is None
+
+
+@pytest.mark.skipif(osmesa_missing, reason="libOSMesa is not installed: MuJoCo cannot render offscreen here")
+@pytest.mark.parametrize("ext", [".gif", ".mp4"])
+def test_mujoco_video(tmp_path, ext):
+    path = str(tmp_path / f"maze{ext}")
+    result = evaluate(
+        "pointmaze-medium-navigate-singletask-task1", lambda o, r: np.ones(2), episodes=2, seed=0,
+        video_path=path, video_episodes=2, max_steps=3, render_size=32,
+    )
+    frames = imageio.mimread(path)
+    assert len(frames) == 4 and frames[0].shape[:2] == (32, 64)
+    assert np.asarray(frames[0]).std() > 0  # a real picture, not a blank canvas
+    assert result.lengths == [3, 3]
