@@ -32,6 +32,9 @@ from fluxrl.errors import FluxrlError
 Dataset = dict  # dict[str, np.ndarray]
 
 TRANSITION_KEYS = ("observations", "actions", "terminals")
+# Per-state info keys whose value at s' is also kept in the regular form as `next_<key>` (DMC rewards are a
+# function of the physics state after the step).
+NEXT_INFO_KEYS = ("physics",)
 FLOAT_KEYS = ("actions", "rewards", "masks", "terminals", "valids")
 
 
@@ -73,6 +76,9 @@ def raw_to_regular(raw: Mapping[str, np.ndarray]) -> Dataset:
     next_mask = np.concatenate([[False], ob_mask[:-1]])
     out = {k: np.asarray(v)[ob_mask] for k, v in raw.items() if k != "terminals" and _is_per_row(v, len(terminals))}
     out["next_observations"] = np.asarray(raw["observations"])[next_mask]
+    for key in NEXT_INFO_KEYS:
+        if key in raw:
+            out[f"next_{key}"] = np.asarray(raw[key])[next_mask]
     out["terminals"] = np.concatenate([terminals[1:], [1.0]]).astype(np.float32)[ob_mask]
     return out
 
@@ -92,6 +98,9 @@ def compact_to_regular(data: Mapping[str, np.ndarray]) -> Dataset:
     next_valid = np.concatenate([[False], valid[:-1]])
     out = {k: np.asarray(v)[valid] for k, v in data.items() if k != "valids"}
     out["next_observations"] = np.asarray(data["observations"])[next_valid]
+    for key in NEXT_INFO_KEYS:
+        if key in data:
+            out[f"next_{key}"] = np.asarray(data[key])[next_valid]
     return out
 
 
@@ -99,7 +108,7 @@ def regular_to_raw(data: Mapping[str, np.ndarray]) -> Dataset:
     """Regular form -> OGBench raw layout (for writing npz files that ogbench.load_dataset reads).
 
     Each episode gets its final next-observation appended as an extra row with a zero action; other per-row
-    keys repeat their last value there. rewards/masks/next_observations are not part of the raw layout."""
+    keys take their `next_<key>` value there when the data has one, else repeat their last value. rewards/masks/next_observations are not part of the raw layout."""
     n = num_transitions(data)
     _, last = episode_bounds(data["terminals"])
     ends = np.unique(last)
@@ -110,13 +119,13 @@ def regular_to_raw(data: Mapping[str, np.ndarray]) -> Dataset:
     final_rows = insert_at + np.arange(len(ends))  # positions of appended final states
     out = {}
     for k, v in data.items():
-        if k in ("next_observations", "rewards", "masks", "terminals") or not _is_per_row(v, n):
+        if k.startswith("next_") or k in ("rewards", "masks", "terminals") or not _is_per_row(v, n):
             continue
         v = np.asarray(v)
         arr = np.zeros((total,) + v.shape[1:], v.dtype)
         arr[idx] = v
-        if k == "observations":
-            arr[final_rows] = np.asarray(data["next_observations"])[ends]
+        if f"next_{k}" in data:  # the final state is known exactly (next_observations, next_physics)
+            arr[final_rows] = np.asarray(data[f"next_{k}"])[ends]
         elif k != "actions":
             arr[final_rows] = v[ends]
         out[k] = arr

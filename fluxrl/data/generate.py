@@ -30,7 +30,8 @@ SPLIT_SALT = {"train": 0, "val": 1}
 def default_episodes(spec: DatasetSpec) -> int:
     """Episodes per dataset as the source papers use them (OGBench: 1000 train + 100 val episodes)."""
     module = importlib.import_module(FAMILY_MODULES[spec.family])
-    return module.DEFAULT_EPISODES[spec.family] if spec.split == "train" else module.DEFAULT_VAL_EPISODES[spec.family]
+    table = module.DEFAULT_EPISODES if spec.split == "train" else module.DEFAULT_VAL_EPISODES
+    return table.get(spec.env, table[spec.family])
 
 
 def episode_seed(seed: int, split: str, index: int) -> int:
