@@ -1,0 +1,188 @@
+"""`fluxrl train | export | plot`.
+
+  fluxrl train AGENT --task TASK [--dataset FILE] [--steps N] [--seeds K] [--preset paper|cpu] [--run_dir DIR]
+               [--agent.FIELD VALUE ...] [... every TrainConfig field, see --help]
+  fluxrl train --resume RUN_DIR [--quiet] [--tensorboard] [--wandb]
+  fluxrl export RUN_DIR [--seed S] [--out PATH] [--step N]
+  fluxrl plot RUN_DIR... --out FILE.png [--metric NAME] [--overwrite]
+
+Flags are generated from the frozen config dataclasses with tyro (underscores as in FQL's flags; hyphens work
+too). The agent config starts from --preset with the task's per-task values (for_task); only --agent.* flags
+given on the command line change it. User errors print one line `error: ...` and exit 2; a diverged run exits 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import sys
+
+from fluxrl.errors import FluxrlError
+
+EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one sentence instead of usage + message
+        raise FluxrlError(f"{message} (see `fluxrl {self.prog.split()[-1]} --help`).")
+
+
+def _tyro_parse(cls, args, default, prog: str):
+    """tyro.cli, but a parse error becomes one FluxrlError sentence instead of a formatted box."""
+    import tyro
+
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return tyro.cli(cls, args=args, default=default, use_underscores=True, prog=prog)
+    except SystemExit as e:
+        if not e.code:
+            raise  # --help
+        raise FluxrlError(f"{_tyro_message(captured.getvalue())} (see `{prog} --help`).") from None
+
+
+def _tyro_message(text: str) -> str:
+    """The message line of tyro's error box (line 1 is the box title, e.g. 'Value error'), borders removed."""
+    border = "│|╭╮╰╯+─-"
+    lines = [line.strip().strip(border).strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and line.strip(border)]
+    return (lines[1] if len(lines) > 1 else lines[0] if lines else "invalid arguments").rstrip(".")
+
+
+def _args_class(agent_config_cls):
+    """TrainConfig's fields (with their docstrings as help) plus `agent: <the agent's Config>` (flags --agent.*)."""
+    from fluxrl.train.config import TrainConfig
+
+    return dataclasses.make_dataclass("TrainArgs", [("agent", agent_config_cls, dataclasses.field(default=None))],
+                                      bases=(TrainConfig,), frozen=True)
+
+
+def _resume_args(argv):
+    parser = _Parser(prog="fluxrl train", add_help=True)
+    parser.add_argument("--resume", required=True, metavar="RUN_DIR")
+    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--tensorboard", action="store_true")
+    parser.add_argument("--wandb", action="store_true")
+    parser.add_argument("--wandb_project", "--wandb-project")
+    return parser.parse_args(argv)
+
+
+def train_main(argv: list[str]) -> int:
+    from fluxrl.train.config import TrainConfig, from_jsonable, preset_config, resolve_agent
+    from fluxrl.train.engine import CONFIG_FILE, Trainer
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else EXIT_USER_ERROR
+    if argv[0].startswith("--resume"):
+        opts = _resume_args(argv)
+        path = os.path.join(opts.resume, CONFIG_FILE)
+        if not os.path.exists(path):
+            raise FluxrlError(f"{opts.resume} is not a fluxrl run directory (no {CONFIG_FILE}).")
+        with open(path) as f:
+            record = json.load(f)
+        agent_spec = record["agent"]
+        module = resolve_agent(agent_spec)
+        runtime = {k: v for k, v in (("quiet", opts.quiet), ("tensorboard", opts.tensorboard),
+                                     ("wandb", opts.wandb), ("wandb_project", opts.wandb_project)) if v}
+        config = from_jsonable(TrainConfig, dict(record["train"], run_dir=opts.resume, **runtime), path)
+        agent_config = from_jsonable(module.Config, record["agent_config"], path)
+    else:
+        agent_spec, rest = argv[0], argv[1:]
+        module = resolve_agent(agent_spec)
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--task")
+        pre.add_argument("--preset", default="paper")
+        known, _ = pre.parse_known_args(rest)
+        asking_help = any(a in ("-h", "--help") for a in rest)
+        if known.task is None and not asking_help:
+            raise FluxrlError(f"--task is required (e.g. fluxrl train {agent_spec} --task "
+                              f"cube-single-play-singletask-task2).")
+        base = (preset_config(module, known.preset, known.task) if known.task
+                else module.PRESETS.get(known.preset, module.Config()))
+        args_cls = _args_class(type(base))
+        default = args_cls(**{"task": known.task or "", "preset": known.preset, "agent": base})
+        args = _tyro_parse(args_cls, rest, default, prog=f"fluxrl train {agent_spec}")
+        config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+        agent_config = args.agent
+    result = Trainer(agent_spec, config, agent_config).run()
+    print(_final_line(result), flush=True)
+    return 0
+
+
+def _final_line(result) -> str:
+    text = f"Finished {result.run_dir} at step {result.step}"
+    if result.last_eval:
+        rows = result.last_eval["rows"]
+        for name in ("evaluation/success", "evaluation/return"):
+            if name in rows[0]:
+                values = [r[name] for r in rows]
+                text += f"; {name} {sum(values) / len(values):.4g} (mean over {len(values)} seed(s))"
+                break
+    return text + "."
+
+
+def export_main(argv: list[str]) -> int:
+    from fluxrl.train.export import export_policy
+
+    parser = _Parser(prog="fluxrl export", description="Write one seed's policy as a self-contained directory.")
+    parser.add_argument("run_dir")
+    parser.add_argument("--seed", type=int, help="seed value (default: the run's first seed)")
+    parser.add_argument("--out", help="new directory to write (default RUN_DIR/policy_seed<seed>)")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    opts = parser.parse_args(argv)
+    print(export_policy(opts.run_dir, seed=opts.seed, out=opts.out, step=opts.step))
+    return 0
+
+
+def plot_main(argv: list[str]) -> int:
+    from fluxrl.train.plotting import plot_runs
+
+    parser = _Parser(prog="fluxrl plot", description="Learning curves: mean and 95% bootstrap CI over seeds/runs.")
+    parser.add_argument("run_dirs", nargs="+")
+    parser.add_argument("--out", required=True, help="image file (.png, .pdf, .svg)")
+    parser.add_argument("--metric", help="column to plot (default evaluation/success, else evaluation/return)")
+    parser.add_argument("--overwrite", action="store_true")
+    opts = parser.parse_args(argv)
+    print(plot_runs(opts.run_dirs, opts.out, metric=opts.metric, overwrite=opts.overwrite))
+    return 0
+
+
+COMMANDS = {"train": train_main, "export": export_main, "plot": plot_main}
+
+
+def run_command(command: str, argv: list[str]) -> int:
+    """Run one subcommand; user errors become `error: ...` on stderr and a non-zero status, never a traceback."""
+    from fluxrl.train.engine import TrainingDiverged
+
+    try:
+        return COMMANDS[command](list(argv))
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except FluxrlError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command (or fluxrl train --resume RUN_DIR) to continue from the last "
+              "checkpoint.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def main(argv: list[str] | None = None) -> int:
+    """argv = [train|export|plot, ...] (without the program name)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"error: expected one of {', '.join(COMMANDS)} (e.g. fluxrl train fql --task ...).", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return run_command(argv[0], argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,657 @@
+"""The one training engine: offline, offline-to-online and online RL for every agent, N seeds in one process.
+
+Agents follow the contract in fluxrl/agents (init / update / loss_metrics / act, BATCH_SPEC.keys); nothing here
+depends on which agent runs. Structure of a run of T = steps + online_steps steps:
+
+offline phase   `lax.scan` fuses up to `updates_per_call` updates into one compiled call; each update draws its
+                batch on the device from the dataset Sampler; `vmap` runs all seeds at once. Metrics are summed on
+                the device and read only at log time.
+online phase    per step: act (on device) -> one env step per seed (host) -> append to the on-device replay
+                buffer -> one update from the offline/online mix -> the next action, in one compiled call.
+boundaries      log (training means over the interval + validation losses on the -val split), evaluate (step 0,
+                every eval_interval, end), checkpoint (every save_interval, end). A non-finite loss stops the run
+                before any checkpoint could store it.
+
+Determinism: seed value v drives everything of its seed (init, sampling, updates, exploration, env resets,
+evaluation) through keys derived from jax.random.key(v) and numpy SeedSequence([v, ...]); nothing depends on how
+many seeds share the process or on where a run was interrupted. Offline runs resume bit-identically on CPU (the
+carry holds every key). Online runs resume by re-creating each env at its current episode: reset with the
+episode's seed and replay the episode's actions from the replay buffer; the replayed observation is compared with
+the stored one, so resume is exact for deterministic simulators (MuJoCo) and says so when it is not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import json
+import os
+import types
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fluxrl.data.generate import val_path  # the validation split: -val before .npz (OGBench)
+from fluxrl.data.sampler import Sampler
+from fluxrl.errors import FluxrlError
+from fluxrl.train import external
+from fluxrl.train.checkpoint import Checkpointer, all_finite
+from fluxrl.train.config import (
+    DEFAULT_FROM_SCRATCH_WARMUP,
+    RUNTIME_FIELDS,
+    TrainConfig,
+    agent_name,
+    preset_config,
+    resolve_agent,
+    to_jsonable,
+    validate_train_config,
+)
+from fluxrl.train.loggers import FileSink, MultiSink, Progress, Stopwatch, TensorBoardSink, WandbSink, import_wandb
+from fluxrl.train.replay import ReplayBuffer, check_online_fields, mixed_sample
+from fluxrl.train.summary import dataset_metadata, write_summary
+
+CONFIG_FILE = "config.json"
+SAMPLE_OPTION_NAMES = ("future_discount", "chunk_size")
+# numpy SeedSequence salts: one stream per purpose, so purposes never share random numbers.
+ENV_EPISODE_SALT, EVAL_EPISODE_SALT = 1, 2
+
+
+class TrainingDiverged(FluxrlError):
+    """A loss became NaN or inf; the last good checkpoint is kept."""
+
+
+class Carry(flax.struct.PyTreeNode):
+    """Everything on the device that a resumed run needs; leading axis = seeds (except buffer size/pointer)."""
+
+    agent: Any  # the agent's State
+    key: jax.Array  # (seeds,) keys driving sampling, updates and exploration
+    acc: dict  # metric sums since the last log, their count, the first step with a non-finite metric per seed
+    buffer: ReplayBuffer | None = None
+    pending_action: jax.Array | None = None  # (seeds, action_dim): the action of the next online env step
+
+
+@dataclasses.dataclass
+class RunResult:
+    run_dir: str
+    step: int
+    seeds: list[int]
+    last_eval: dict | None  # {"step": s, "rows": [{"seed": v, "evaluation/...": x}, ...]}
+
+
+def seed_keys(seed_values, salt: int) -> jax.Array:
+    """One key per seed value, for one purpose (salt); independent of the number of seeds."""
+    return jnp.stack([jax.random.fold_in(jax.random.key(v), salt) for v in seed_values])
+
+
+def episode_seed(seed_value: int, salt: int, *counters: int) -> int:
+    return int(np.random.SeedSequence([seed_value, salt, *counters]).generate_state(1)[0])
+
+
+# --- compiled pieces (pure functions of their arguments) ----------------------------------------------------------
+
+
+def _accumulate(acc: dict, metrics: dict, step) -> dict:
+    finite = jnp.ones(acc["first_bad"].shape, bool)
+    for value in metrics.values():
+        finite = finite & jnp.isfinite(value)
+    first_bad = jnp.where((acc["first_bad"] < 0) & ~finite, step, acc["first_bad"])
+    sums = {k: acc["sums"][k] + metrics[k].astype(jnp.float32) for k in acc["sums"]}
+    return {"sums": sums, "count": acc["count"] + 1, "first_bad": first_bad}
+
+
+def empty_accumulator(metric_names, num_seeds: int) -> dict:
+    return {
+        "sums": {k: jnp.zeros((num_seeds,), jnp.float32) for k in metric_names},
+        "count": jnp.zeros((), jnp.int32),
+        "first_bad": jnp.full((num_seeds,), -1, jnp.int32),
+    }
+
+
+# The factories are cached: runs of the same agent in one process (sweeps, notebooks, tests) share compilations.
+# sample_options is a tuple of (name, value) pairs (hashable) passed on to Sampler.sample.
+
+
+@functools.lru_cache(maxsize=None)
+def make_offline_chunk(agent: types.ModuleType, batch_size: int, fields: tuple, sample_options: tuple = ()):
+    """chunk(carry, sampler, start, length) -> carry after `length` updates (steps start .. start+length-1)."""
+    sample_options = dict(sample_options)
+
+    def chunk(carry: Carry, sampler: Sampler, start, length: int) -> Carry:
+        def body(carry, step):
+            keys = jax.vmap(lambda k: jax.random.split(k, 3))(carry.key)
+            batch = jax.vmap(lambda k: sampler.sample(k, batch_size, fields, **sample_options))(keys[:, 1])
+            state, metrics = jax.vmap(agent.update)(carry.agent, batch, keys[:, 2])
+            return carry.replace(agent=state, key=keys[:, 0], acc=_accumulate(carry.acc, metrics, step)), None
+
+        carry, _ = jax.lax.scan(body, carry, start + jnp.arange(length, dtype=jnp.int32))
+        return carry
+
+    return jax.jit(chunk, static_argnames="length")
+
+
+def _next_action(agent, state, key, observations, random: bool, action_dim: int):
+    if random:  # warm-up: uniform actions in [-1, 1]
+        return jax.vmap(lambda k: jax.random.uniform(k, (action_dim,), minval=-1.0, maxval=1.0))(key)
+    return jax.vmap(lambda s, o, k: agent.act(s, o[None], k, deterministic=False)[0])(state, observations, key)
+
+
+@functools.lru_cache(maxsize=None)
+def make_online_step(agent, batch_size: int, fields: tuple, sample_options: tuple, balanced: bool, action_dim: int):
+    """step(carry, sampler|None, transition, observations, step) -> carry: store the transition, update (unless
+    warm-up), choose the next action for `observations` (the post-reset observation after an episode end)."""
+
+    def step_fn(carry: Carry, sampler, transition, observations, step, update: bool, random_next: bool) -> Carry:
+        buffer = carry.buffer.add(transition)
+        keys = jax.vmap(lambda k: jax.random.split(k, 4))(carry.key)
+        state, acc = carry.agent, carry.acc
+        if update:
+            batch = mixed_sample(sampler, buffer, keys[:, 1], batch_size, fields, balanced, sample_options)
+            state, metrics = jax.vmap(agent.update)(state, batch, keys[:, 2])
+            acc = _accumulate(acc, metrics, step)
+        action = _next_action(agent, state, keys[:, 3], observations, random_next, action_dim)
+        return carry.replace(agent=state, key=keys[:, 0], acc=acc, buffer=buffer, pending_action=action)
+
+    return jax.jit(step_fn, static_argnames=("update", "random_next"))
+
+
+@functools.lru_cache(maxsize=None)
+def make_first_action(agent, action_dim: int):
+    def first(carry: Carry, observations, random: bool) -> Carry:
+        keys = jax.vmap(jax.random.split)(carry.key)
+        action = _next_action(agent, carry.agent, keys[:, 1], observations, random, action_dim)
+        return carry.replace(key=keys[:, 0], pending_action=action)
+
+    return jax.jit(first, static_argnames="random")
+
+
+@functools.lru_cache(maxsize=None)
+def make_validation(agent, batch_size: int, fields: tuple, sample_options: tuple):
+    sample_options = dict(sample_options)
+
+    def validate(state, sampler: Sampler, keys, step):
+        keys = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, step)))(keys)
+        batch = jax.vmap(lambda k: sampler.sample(k, batch_size, fields, **sample_options))(keys[:, 0])
+        return jax.vmap(agent.loss_metrics)(state, batch, keys[:, 1])
+
+    return jax.jit(validate)
+
+
+@functools.lru_cache(maxsize=None)
+def make_init(agent):
+    """init_all(keys, example_batch, config) -> the agent states of all seeds (leading axis)."""
+    return jax.jit(jax.vmap(agent.init, in_axes=(0, None, None)), static_argnums=2)
+
+
+@functools.lru_cache(maxsize=None)
+def make_sample(batch_size: int, fields: tuple, sample_options: tuple):
+    return jax.jit(lambda sampler, key: sampler.sample(key, batch_size, fields, **dict(sample_options)))
+
+
+@functools.lru_cache(maxsize=None)
+def make_act(agent, deterministic: bool):
+    """act(state of one seed, observations, key) -> actions."""
+    return jax.jit(lambda s, o, k: agent.act(s, o, k, deterministic=deterministic))
+
+
+# --- the run ------------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """One run: builds data, envs, state and sinks from the configs, then `run()` trains to the end.
+
+    agent: a registered name, an importable module path, or an agent module. agent_config: the agent's Config
+    (default: its --preset with the task's per-task values)."""
+
+    def __init__(self, agent, config: TrainConfig, agent_config=None):
+        validate_train_config(config)
+        if config.dataset is not None:  # stored absolute, so `--resume` works from any directory
+            config = dataclasses.replace(config, dataset=os.path.abspath(config.dataset))
+        self.agent_spec = agent if isinstance(agent, str) else agent.__name__
+        self.agent = resolve_agent(agent) if isinstance(agent, str) else agent
+        self.cfg = config
+        self.agent_config = agent_config if agent_config is not None else preset_config(
+            self.agent, config.preset, config.task)
+        self.seeds = [config.seed + i for i in range(config.seeds)]
+        self.total_steps = config.steps + config.online_steps
+        spec = self.agent.BATCH_SPEC
+        self.fields = tuple(spec.keys)
+        self.sample_options = tuple((k, getattr(spec, k)) for k in SAMPLE_OPTION_NAMES
+                                    if getattr(spec, k, None) is not None)
+        self.frame_stack = getattr(spec, "frame_stack", None) or 1
+        self.batch_size = int(self.agent_config.batch_size)
+        self.online = config.online_steps > 0
+        self.from_scratch = config.steps == 0 and config.dataset is None
+        if self.online:
+            check_online_fields(self.fields)
+            if self.frame_stack > 1:
+                raise FluxrlError("Frame-stacked agents train offline only: the online replay stores single frames.")
+        warmup = config.warmup_steps
+        self.warmup = warmup if warmup is not None else (DEFAULT_FROM_SCRATCH_WARMUP if self.from_scratch else 0)
+        self.run_dir = os.path.abspath(config.run_dir or self._default_run_dir())
+        self.resuming = self._check_run_dir()
+
+    # --- set-up ------------------------------------------------------------------------------------------------
+    def _default_run_dir(self) -> str:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        name = agent_name(self.agent).replace("/", "_")
+        return os.path.join("runs", f"{name}__{self.cfg.task}__s{self.cfg.seed}__{stamp}")
+
+    def config_record(self) -> dict:
+        return {
+            "agent": self.agent_spec,
+            "train": to_jsonable(self.cfg),
+            "agent_config": to_jsonable(self.agent_config),
+        }
+
+    def _check_run_dir(self) -> bool:
+        """True if run_dir holds this very run (resume); refuse a directory holding anything else."""
+        path = os.path.join(self.run_dir, CONFIG_FILE)
+        if not os.path.exists(path):
+            if os.path.isdir(self.run_dir) and os.listdir(self.run_dir):
+                raise FluxrlError(f"{self.run_dir} exists and is not a fluxrl run directory; choose another --run_dir.")
+            return False
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as e:
+            raise FluxrlError(f"{path} is unreadable ({e}); choose another --run_dir.") from None
+        difference = _first_difference(_comparable(saved), _comparable(self.config_record()))
+        if difference:
+            raise FluxrlError(
+                f"{self.run_dir} holds a run with a different configuration ({difference}); choose another "
+                f"--run_dir, or continue that run with `fluxrl train --resume {self.run_dir}`."
+            )
+        return True
+
+    def _load(self, path: str) -> tuple[dict, dict]:
+        data, meta = external.load_dataset(path)
+        if self.obs_space is not None:
+            external.check_compatible(data, self.obs_space.shape, self.action_dim, path, self.cfg.task)
+        if any(f in ("rewards", "masks", "rewards_chunk", "masks_chunk") for f in self.fields) or self.online:
+            if "rewards" not in data or "masks" not in data:
+                data = external.relabel(data, self.cfg.task)
+        return data, meta
+
+    def _setup_data(self) -> None:
+        self.sampler = self.val_sampler = None
+        self.dataset_info = None
+        if self.from_scratch:
+            return
+        path = self.cfg.dataset
+        if path is None:
+            from fluxrl.data.cache import default_dataset_path
+
+            path = default_dataset_path(self.cfg.task)
+        path = os.path.abspath(path)
+        data, meta = self._load(path)
+        self.dataset_info = dataset_metadata(path, data, meta)
+        self.sampler = Sampler.create(data, frame_stack=self.frame_stack)
+        del data  # the device copy is the only one kept
+        self.sampler.check(self.fields)
+        validation = val_path(path)
+        if os.path.exists(validation):
+            self.val_sampler = Sampler.create(self._load(validation)[0], frame_stack=self.frame_stack)
+            self.val_sampler.check(self.fields)
+            self.dataset_info["validation_path"] = validation
+
+    def _setup_envs(self) -> None:
+        """The online envs (one per seed); evaluation makes its own. Also reads the spaces (one probe env when
+        only evaluation needs an env, to check the dataset fits the task)."""
+        self.envs = [external.make_env(self.cfg.task, seed=v) for v in self.seeds] if self.online else []
+        self.obs_space = None
+        probe = self.envs[0] if self.envs else (external.make_env(self.cfg.task) if self.cfg.eval_episodes else None)
+        if probe is not None:
+            self.action_dim = int(np.prod(probe.action_space.shape))
+            self.obs_space = probe.observation_space
+            if not self.envs:
+                probe.close()
+
+    def _example_batch(self) -> dict:
+        if self.sampler is not None:
+            return make_sample(self.batch_size, self.fields, self.sample_options)(self.sampler, jax.random.key(0))
+        obs = jnp.zeros((self.batch_size,) + tuple(self.obs_space.shape), _obs_dtype(self.obs_space))
+        shapes = {"observations": obs, "next_observations": obs,
+                  "actions": jnp.zeros((self.batch_size, self.action_dim), jnp.float32)}
+        return {f: shapes.get(f, jnp.zeros((self.batch_size,), jnp.float32)) for f in self.fields}
+
+    def _initial_carry(self) -> Carry:
+        example = self._example_batch()
+        # Per-row shapes and dtypes of a batch: all export/load_policy needs to rebuild the agent's state.
+        self.example_spec = {k: [list(v.shape[1:]), str(v.dtype)] for k, v in example.items()}
+        init_keys = seed_keys(self.seeds, 0)
+        state = make_init(self.agent)(init_keys, example, self.agent_config)
+        one_state = jax.tree_util.tree_map(lambda x: x[0], state)
+        metric_shapes = jax.eval_shape(
+            lambda s, b, k: self.agent.update(s, b, k)[1], one_state, example, jax.random.key(0))
+        bad = [k for k, v in metric_shapes.items() if v.shape != ()]
+        if bad:
+            raise ValueError(f"agent {agent_name(self.agent)}: update metrics must be scalars; {bad} are not")
+        buffer = pending = None
+        if self.online:
+            capacity = self.cfg.buffer_size or self.cfg.online_steps
+            if self.sampler is not None:
+                obs_shape, obs_dtype = example["observations"].shape[1:], example["observations"].dtype
+            else:
+                obs_shape, obs_dtype = self.obs_space.shape, _obs_dtype(self.obs_space)
+            buffer = ReplayBuffer.create(len(self.seeds), capacity, obs_shape, obs_dtype, self.action_dim)
+            pending = jnp.zeros((len(self.seeds), self.action_dim), jnp.float32)
+        return Carry(agent=state, key=seed_keys(self.seeds, 1), acc=empty_accumulator(metric_shapes, len(self.seeds)),
+                     buffer=buffer, pending_action=pending)
+
+    def _setup_sinks(self, offsets) -> None:
+        sinks = [FileSink(self.run_dir, offsets)]
+        self.file_sink = sinks[0]
+        if self.cfg.tensorboard:
+            sinks.append(TensorBoardSink(self.run_dir, self.seeds))
+        if self.cfg.wandb:
+            name = os.path.basename(self.run_dir)
+            sinks.append(WandbSink(self.run_dir, self.cfg.wandb_project, name, self.config_record(), name))
+        self.sink = MultiSink(sinks)
+
+    # --- run ---------------------------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        cfg = self.cfg
+        if cfg.wandb:
+            import_wandb()  # fail before any work if the optional package is missing
+        self._setup_envs()
+        self._setup_data()
+        os.makedirs(self.run_dir, exist_ok=True)
+        if not self.resuming:
+            with open(os.path.join(self.run_dir, CONFIG_FILE), "w") as f:
+                json.dump(self.config_record(), f, indent=2)
+        self.checkpointer = Checkpointer(os.path.join(self.run_dir, "checkpoints"), keep=cfg.keep_checkpoints)
+        self.carry = self._initial_carry()
+        meta = None
+        if self.resuming and self.checkpointer.latest_step() is not None:
+            self.carry, meta = self.checkpointer.restore(self.carry)
+        self.step = meta["step"] if meta else 0
+        self.last_eval = meta.get("last_eval") if meta else None
+        self.host = meta["host"] if meta else self._initial_host_state()
+        self.stopwatch = Stopwatch(meta["elapsed"] if meta else 0.0)
+        self._setup_sinks(meta["log_offsets"] if meta else None)
+        self.progress = Progress(self.total_steps, self.step, cfg.quiet)
+        self._window = (self.step, self.stopwatch.elapsed())
+        if meta:
+            self.progress.message(f"Resuming {self.run_dir} at step {self.step}.")
+        self._write_summary("running")
+        self._compile()
+        try:
+            if self.step == 0:
+                self._evaluate(0)
+            self._offline_phase()
+            if self.online and self.step < self.total_steps:
+                self._online_phase()
+        except TrainingDiverged:
+            self._write_summary("diverged")
+            raise
+        finally:
+            self.progress.close()
+            self.sink.close()
+            self.checkpointer.close()
+        self._write_summary("finished")
+        return RunResult(self.run_dir, self.step, self.seeds, self.last_eval)
+
+    def _compile(self) -> None:
+        self.offline_chunk = make_offline_chunk(self.agent, self.batch_size, self.fields, self.sample_options)
+        self.validate = make_validation(self.agent, self.batch_size, self.fields, self.sample_options)
+        self.val_keys = seed_keys(self.seeds, 2)
+        # The deterministic flag of the official evaluation (e.g. FQL samples its noise even there).
+        self.act_eval = make_act(self.agent, bool(getattr(self.agent, "EVAL_DETERMINISTIC", True)))
+        if self.online:
+            self.online_step = make_online_step(self.agent, self.batch_size, self.fields, self.sample_options,
+                                                self.cfg.balanced_sampling, self.action_dim)
+            self.first_action = make_first_action(self.agent, self.action_dim)
+
+    def _next_boundary(self, step: int) -> int:
+        cfg = self.cfg
+        return min((step // i + 1) * i for i in (cfg.log_interval, cfg.eval_interval, cfg.save_interval))
+
+    def _offline_phase(self) -> None:
+        while self.step < self.cfg.steps:
+            n = min(self.cfg.updates_per_call, self._next_boundary(self.step) - self.step, self.cfg.steps - self.step)
+            self.carry = self.offline_chunk(self.carry, self.sampler, jnp.int32(self.step), n)
+            jax.block_until_ready(self.carry.key)  # an honest progress bar and steps/s
+            self.step += n
+            self.progress.advance(n)
+            self._boundaries()
+
+    def _boundaries(self) -> None:
+        s, cfg = self.step, self.cfg
+        end = s == self.total_steps
+        if s % cfg.log_interval == 0 or end:
+            self._log()
+        if s % cfg.eval_interval == 0 or end:
+            self._check_divergence()
+            self._evaluate(s)
+        if s % cfg.save_interval == 0 or end:
+            self._save()
+
+    # --- logging, divergence, evaluation, checkpoints ----------------------------------------------------------
+    def _log(self) -> None:
+        acc = jax.device_get(self.carry.acc)
+        count = int(acc["count"])
+        elapsed = self.stopwatch.elapsed()
+        window_steps, window_time = self.step - self._window[0], elapsed - self._window[1]
+        self._window = (self.step, elapsed)
+        speed = window_steps / window_time if window_time > 0 else float("nan")
+        rows = [{"seed": v} for v in self.seeds]
+        if count:
+            for k, sums in acc["sums"].items():
+                for i, row in enumerate(rows):
+                    row[f"training/{k}"] = float(sums[i] / count)
+        if self.val_sampler is not None and count:
+            val = jax.device_get(self.validate(self.carry.agent, self.val_sampler, self.val_keys, self.step))
+            for k, v in val.items():
+                for i, row in enumerate(rows):
+                    row[f"validation/{k}"] = float(v[i])
+        for row in rows:
+            row["time/steps_per_second"] = speed
+            row["time/total_time"] = elapsed
+        if count:
+            self.sink.write("train", self.step, rows)
+        self._log_exploration()
+        shown = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k.startswith("training/")}
+        self.progress.line(self.step, speed, dict(list(shown.items())[:4]))
+        self._check_divergence()
+        self.carry = self.carry.replace(acc=empty_accumulator(acc["sums"], len(self.seeds)))
+
+    def _check_divergence(self) -> None:
+        acc = jax.device_get(self.carry.acc)
+        first_bad = np.asarray(acc["first_bad"])
+        if np.all(first_bad < 0):
+            return
+        i = int(np.argmax(first_bad >= 0))
+        names = sorted(k for k, v in acc["sums"].items() if not np.isfinite(v[i]))
+        self._diverged(f"a loss became NaN or inf at step {int(first_bad[i]) + 1} for seed {self.seeds[i]} "
+                       f"({', '.join(names) or 'see train.csv'})")
+
+    def _diverged(self, what: str) -> None:
+        last = self.checkpointer.latest_step()
+        kept = f"the last good checkpoint (step {last}) is kept" if last is not None else "no checkpoint was written"
+        raise TrainingDiverged(f"Training diverged: {what}; {kept} in {self.run_dir} (try a lower learning rate "
+                               f"or check the dataset).")
+
+    def _evaluate(self, step: int) -> None:
+        cfg = self.cfg
+        if not cfg.eval_episodes:
+            return
+        final = step == self.total_steps
+        rows = []
+        for i, v in enumerate(self.seeds):
+            state = jax.tree_util.tree_map(lambda x: x[i], self.carry.agent)
+            video = None
+            if final and cfg.video_episodes:
+                os.makedirs(os.path.join(self.run_dir, "videos"), exist_ok=True)
+                video = os.path.join(self.run_dir, "videos", f"seed_{v}_step_{step}.mp4")
+            stats = external.evaluate(cfg.task, functools.partial(self.act_eval, state), cfg.eval_episodes,
+                                      seed=episode_seed(v, EVAL_EPISODE_SALT, step), video_path=video,
+                                      video_episodes=cfg.video_episodes if video else 0)
+            rows.append({"seed": v, **{f"evaluation/{k}": float(x) for k, x in stats.items()}})
+        self.sink.write("eval", step, rows)
+        self.last_eval = {"step": step, "rows": rows}
+        name = "evaluation/success" if "evaluation/success" in rows[0] else "evaluation/return"
+        if name in rows[0]:
+            self.progress.set_eval(f"eval {name.split('/')[1]} {np.mean([r[name] for r in rows]):.3g} @ {step}")
+
+    def _save(self) -> None:
+        self._check_divergence()
+        if not all_finite(self.carry.agent):
+            self._diverged(f"the agent's parameters became NaN or inf by step {self.step}")
+        meta = {
+            "step": self.step,
+            "log_offsets": self.file_sink.offsets(),
+            "host": self.host,
+            "last_eval": self.last_eval,
+            "elapsed": self.stopwatch.elapsed(),
+            "seeds": self.seeds,
+            "example_batch": self.example_spec,
+        }
+        self.checkpointer.save(self.step, self.carry, meta)
+
+    def _write_summary(self, status: str) -> None:
+        write_summary(self.run_dir, self.config_record(), status=status, step=self.step,
+                      total_steps=self.total_steps, seeds=self.seeds, dataset=self.dataset_info,
+                      last_eval=self.last_eval)
+
+    # --- online phase ------------------------------------------------------------------------------------------
+    def _initial_host_state(self) -> dict:
+        n = len(self.seeds)
+        return {
+            "episode": [0] * n,  # index of the current episode of each seed's env
+            "episode_step": [0] * n,
+            "episode_return": [0.0] * n,
+            "window": [_empty_window() for _ in range(n)],  # exploration stats since the last log
+        }
+
+    def _reset_env(self, i: int):
+        seed = episode_seed(self.seeds[i], ENV_EPISODE_SALT, self.host["episode"][i])
+        observation, _ = self.envs[i].reset(seed=seed)
+        return observation
+
+    def _restore_envs(self) -> list:
+        """Bring each env back to where the checkpoint left it: reset to the current episode, replay its actions."""
+        buffer = self.carry.buffer
+        observations = []
+        for i, env in enumerate(self.envs):
+            observation = self._reset_env(i)
+            t = self.host["episode_step"][i]
+            if t:
+                replayed = t <= buffer.capacity
+                if replayed:
+                    rows = buffer.last_rows(t)
+                    for action in np.asarray(buffer.data["actions"][i][rows]):
+                        observation = env.step(action)[0]
+                    stored = np.asarray(buffer.data["next_observations"][i][rows[-1]])
+                    replayed = np.array_equal(np.asarray(observation, stored.dtype), stored)
+                if not replayed:
+                    self.progress.message(
+                        f"warning: seed {self.seeds[i]}'s environment could not be restored exactly (replay "
+                        f"mismatch or episode longer than the buffer); it starts a new episode.")
+                    self.host["episode"][i] += 1
+                    self.host["episode_step"][i], self.host["episode_return"][i] = 0, 0.0
+                    observation = self._reset_env(i)
+            observations.append(observation)
+        return observations
+
+    def _online_phase(self) -> None:
+        cfg, host = self.cfg, self.host
+        dtype = self.carry.buffer.data["observations"].dtype
+        observations = [np.asarray(o, dtype) for o in self._restore_envs()]
+        if self.step == cfg.steps:
+            self.carry = self.first_action(self.carry, jnp.asarray(np.stack(observations)),
+                                           random=self.warmup > 0)
+        n = len(self.seeds)
+        while self.step < self.total_steps:
+            online_index = self.step - cfg.steps
+            actions = np.asarray(self.carry.pending_action)
+            transition = {k: [] for k in ("observations", "actions", "rewards", "masks", "terminals",
+                                          "next_observations")}
+            for i in range(n):
+                next_obs, reward, terminated, truncated, info = self.envs[i].step(actions[i])
+                next_obs = np.asarray(next_obs, dtype)
+                for k, v in (("observations", observations[i]), ("actions", actions[i]), ("rewards", reward),
+                             ("masks", 1.0 - float(terminated)), ("terminals", float(terminated or truncated)),
+                             ("next_observations", next_obs)):
+                    transition[k].append(v)
+                host["episode_step"][i] += 1
+                host["episode_return"][i] += float(reward)
+                if terminated or truncated:
+                    _record_episode(host["window"][i], host["episode_return"][i], host["episode_step"][i], info)
+                    host["episode"][i] += 1
+                    host["episode_step"][i], host["episode_return"][i] = 0, 0.0
+                    next_obs = np.asarray(self._reset_env(i), dtype)
+                observations[i] = next_obs
+            batch = {k: jnp.asarray(np.stack(v).astype(np.float32) if k not in ("observations", "next_observations")
+                                    else np.stack(v)) for k, v in transition.items()}
+            self.carry = self.online_step(
+                self.carry, self.sampler, batch, jnp.asarray(np.stack(observations)), jnp.int32(self.step),
+                update=online_index >= self.warmup, random_next=online_index + 1 < self.warmup)
+            self.step += 1
+            self.progress.advance(1)
+            self._boundaries()
+
+    def _log_exploration(self) -> None:
+        if not self.online:
+            return
+        windows = self.host["window"]
+        if not any(w["episodes"] for w in windows):
+            return
+        rows = []
+        for v, w in zip(self.seeds, windows):
+            count = w["episodes"]
+            row = {"seed": v, "exploration/episodes": count}
+            for k in ("return", "length"):
+                row[f"exploration/{k}"] = w[k] / count if count else float("nan")
+            if w["success_count"]:
+                row["exploration/success"] = w["success"] / w["success_count"]
+            rows.append(row)
+        self.sink.write("exploration", self.step, rows)
+        self.host["window"] = [_empty_window() for _ in windows]
+
+
+def _empty_window() -> dict:
+    return {"episodes": 0, "return": 0.0, "length": 0.0, "success": 0.0, "success_count": 0}
+
+
+def _record_episode(window: dict, episode_return: float, length: int, info: dict) -> None:
+    window["episodes"] += 1
+    window["return"] += episode_return
+    window["length"] += length
+    if "success" in info:
+        window["success"] += float(info["success"])
+        window["success_count"] += 1
+
+
+def _obs_dtype(space):
+    return jnp.uint8 if np.dtype(space.dtype) == np.uint8 else jnp.float32
+
+
+def _comparable(record: dict) -> dict:
+    """A config record as {flag: value}, without the options that may change on resume."""
+    flat = {"agent": record.get("agent")}
+    flat.update({f"--{k}": v for k, v in record.get("train", {}).items() if k not in RUNTIME_FIELDS})
+    flat.update(_flatten(record.get("agent_config") or {}, "--agent."))
+    return flat
+
+
+def _flatten(d: dict, prefix: str) -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _first_difference(saved: dict, given: dict) -> str | None:
+    for k in sorted(set(saved) | set(given)):
+        if saved.get(k) != given.get(k):
+            return f"{k}: saved {saved.get(k)!r}, given {given.get(k)!r}"
+    return None
+
+
+def train(agent, config: TrainConfig, agent_config=None) -> RunResult:
+    """Train `agent` (name, module path or module) with `config`; resumes if config.run_dir holds this run."""
+    return Trainer(agent, config, agent_config).run()

@@ -1,0 +1,264 @@
+"""`fluxrl train | export | plot` end to end with the tiny agent and env, the dataset cache, and bad input."""
+
+import json
+import os
+import sys
+import threading
+
+import jax
+import numpy as np
+import pytest
+
+from fluxrl.cli_train import main
+from fluxrl.data import cache
+from fluxrl.data import generate as generate_module
+from fluxrl.data.dataset import regular_to_raw, save_npz
+from fluxrl.train import external, load_policy
+from fluxrl.train.checkpoint import Checkpointer, parse_signature
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import test_engine as tiny  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def fakes(monkeypatch):
+    monkeypatch.setattr(external, "make_env", tiny.fake_make_env)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return tiny.write_dataset(str(tmp_path_factory.mktemp("data")))
+
+
+def train_argv(run_dir, dataset, *extra):
+    return ["train", "test_engine", "--task", tiny.TASK, "--dataset", dataset, "--steps", "40", "--seeds", "2",
+            "--preset", "cpu", "--run_dir", str(run_dir), "--updates_per_call", "10", "--log_interval", "10",
+            "--eval_interval", "20", "--eval_episodes", "2", "--save_interval", "20", "--quiet", *extra]
+
+
+def one_error_line(capsys, *fragments):
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, dataset):
+    """One CLI run shared by the tests below: 2 seeds, preset cpu, one agent flag given."""
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    mp = pytest.MonkeyPatch()
+    mp.setattr(external, "make_env", tiny.fake_make_env)
+    try:
+        assert main(train_argv(run, dataset, "--agent.lr", "0.1")) == 0
+    finally:
+        mp.undo()
+    return run
+
+
+def test_preset_then_task_values_then_explicit_flags(trained):
+    record = json.loads((trained / "config.json").read_text())
+    assert record["agent"] == "test_engine"
+    assert record["agent_config"]["batch_size"] == 8  # from --preset cpu
+    assert record["agent_config"]["lr"] == 0.1  # explicit flag
+    assert record["agent_config"]["noise"] == 0.1  # untouched default
+    assert record["train"]["steps"] == 40 and record["train"]["seeds"] == 2
+
+
+def test_export_and_load_policy(trained, tmp_path, capsys):
+    out = tmp_path / "policy"
+    assert main(["export", str(trained), "--seed", "1", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    meta = json.loads((out / "policy.json").read_text())
+    # Only what act reads is exported: w and b, not the value weights v nor the optimizer moments.
+    assert [a["signature"] for a in meta["arrays"]] == [".params['b'] float32[2]", ".params['w'] float32[3,2]"]
+    with np.load(out / "params.npz", allow_pickle=False) as params:
+        assert sorted(params.files) == ["000000", "000001"]
+
+    policy = load_policy(str(out))
+    arrays, ck_meta = Checkpointer(str(trained / "checkpoints")).read_arrays()
+    storage_key = {parse_signature(s)[0]: f"{i:06d}" for i, s in enumerate(ck_meta["leaf_signature"])}
+    w = np.asarray(arrays[storage_key[".agent.params['w']"]])[1]  # seed 1 is the second of the run's seeds
+    b = np.asarray(arrays[storage_key[".agent.params['b']"]])[1]
+    obs = np.random.default_rng(0).uniform(-1, 1, (5, tiny.OBS_DIM)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(policy(obs)), np.clip(obs @ w + b, -1, 1), rtol=1e-6, atol=1e-6)
+    single = np.asarray(policy(obs[0]))
+    assert single.shape == (tiny.ACT_DIM,)
+    np.testing.assert_allclose(single, np.asarray(policy(obs))[0], rtol=1e-6)
+    noisy = np.asarray(policy(obs, key=jax.random.key(3), deterministic=False))
+    assert not np.allclose(noisy, np.asarray(policy(obs)))
+    with pytest.raises(ValueError, match="need a key"):
+        policy(obs, deterministic=False)
+
+    # An existing export path is never overwritten.
+    assert main(["export", str(trained), "--seed", "1", "--out", str(out)]) == 2
+    one_error_line(capsys, "already exists")
+    assert main(["export", str(trained), "--seed", "7"]) == 2
+    one_error_line(capsys, "--seed 7 is not a seed", "0, 1")
+
+
+def test_summary_and_files(trained):
+    summary = (trained / "summary.md").read_text()
+    for fragment in ("# test_engine on cube-single-play-singletask-task2", "status: finished (step 40 of 40)",
+                     "preset cpu", "seeds: 0, 1", "40 offline + 0 online", "sha256", "validation split:",
+                     "Evaluation at step 40", "| mean ± std |", "jax:", "ogbench:", "fluxrl:", '"batch_size": 8'):
+        assert fragment in summary, fragment
+    for name in ("config.json", "train.csv", "eval.csv", "metrics.jsonl"):
+        assert (trained / name).stat().st_size > 0
+
+
+def test_rerun_same_config_resumes_without_rewriting(trained, dataset, capsys):
+    before = (trained / "train.csv").read_bytes()
+    assert main(train_argv(trained, dataset, "--agent.lr", "0.1")) == 0  # already finished: nothing to do
+    assert (trained / "train.csv").read_bytes() == before
+    assert "at step 40" in capsys.readouterr().out
+    assert main(["train", "--resume", str(trained), "--quiet"]) == 0
+    assert (trained / "train.csv").read_bytes() == before
+
+
+def test_rerun_with_another_config_is_refused(trained, dataset, capsys):
+    before = (trained / "train.csv").read_bytes()
+    assert main(train_argv(trained, dataset, "--agent.lr", "0.2")) == 2
+    one_error_line(capsys, "different configuration", "--agent.lr: saved 0.1, given 0.2", "--resume")
+    assert (trained / "train.csv").read_bytes() == before
+
+
+def test_plot_writes_png(trained, tmp_path, dataset, capsys):
+    second = tmp_path / "second"
+    assert main(train_argv(second, dataset, "--seed", "5", "--seeds", "1", "--agent.lr", "0.1",
+                           "--video_episodes", "1")) == 0
+    assert (second / "videos" / "seed_5_step_40.mp4").stat().st_size > 0
+    out = tmp_path / "curves.png"
+    assert main(["plot", str(trained), str(second), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(trained), "--out", str(out)]) == 2
+    one_error_line(capsys, "already exists")
+    assert main(["plot", str(trained), "--out", str(out), "--overwrite", "--metric", "training/actor_loss"]) == 0
+    assert main(["plot", str(trained), "--out", str(tmp_path / "x.png"), "--metric", "nope"]) == 2
+    one_error_line(capsys, "No run logged metric 'nope'")
+
+
+def test_plot_band_is_a_bootstrap_interval_of_the_mean():
+    from fluxrl.train.plotting import aggregate
+
+    values = np.arange(10.0)
+    curves = [(np.array([0, 5]), np.array([v, 2 * v])) for v in values]
+    steps, mean, low, high = aggregate(curves)
+    np.testing.assert_array_equal(steps, [0, 5])
+    np.testing.assert_allclose(mean, [4.5, 9.0])
+    sem = values.std() / np.sqrt(len(values))
+    assert low[0] < 4.5 < high[0] and abs((high[0] - low[0]) - 2 * 1.96 * sem) < 0.5 * sem
+    _, _, low1, _ = aggregate([(np.array([0]), np.array([1.0]))])
+    assert np.isnan(low1[0])  # no band from a single curve
+
+
+def test_tensorboard_and_missing_wandb(tmp_path, dataset, capsys):
+    run = tmp_path / "tb"
+    assert main(train_argv(run, dataset, "--steps", "10", "--eval_episodes", "0", "--tensorboard")) == 0
+    assert sorted(os.listdir(run / "tb")) == ["seed_0", "seed_1"]
+    assert any(f.startswith("events.out") for f in os.listdir(run / "tb" / "seed_0"))
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        assert main(train_argv(tmp_path / "wb", dataset, "--wandb")) == 2
+        one_error_line(capsys, "--wandb needs the wandb package")
+        assert not (tmp_path / "wb").exists()  # refused before anything was written
+
+
+def test_divergence_exits_non_zero_with_one_message(tmp_path, dataset, capsys):
+    run = tmp_path / "nan"
+    assert main(train_argv(run, dataset, "--steps", "60", "--eval_episodes", "0", "--agent.nan_at_step", "25")) == 3
+    one_error_line(capsys, "Training diverged", "step 20) is kept")
+    assert Checkpointer(str(run / "checkpoints")).all_steps() == [20]
+
+
+@pytest.mark.parametrize("argv,fragments", [
+    (["train", "nosuchagent", "--task", "x"], ["Unknown agent 'nosuchagent'", "fql"]),
+    (["train", "test_engine"], ["--task is required"]),
+    (["train", "test_engine", "--task", tiny.TASK, "--steps", "abc"], ["--steps", "abc"]),
+    (["train", "test_engine", "--task", tiny.TASK, "--agent.nosuch", "1"], ["--agent.nosuch"]),
+    (["train", "test_engine", "--task", tiny.TASK, "--preset", "huge"], ["Unknown --preset 'huge'"]),
+    (["train", "test_engine", "--task", tiny.TASK, "--seeds", "0"], ["--seeds must be at least 1"]),
+    (["train", "test_engine", "--task", tiny.TASK, "--dataset", "/nonexistent.npz", "--eval_episodes", "0"],
+     ["/nonexistent.npz"]),
+    (["train", "--resume", "/nonexistent_run"], ["not a fluxrl run directory"]),
+    (["export", "/nonexistent_run"], ["not a fluxrl run directory"]),
+    (["export"], ["run_dir"]),
+    (["plot", "/nonexistent_run", "--out", "x.png"], ["not a fluxrl run directory"]),
+    (["nosuchcommand"], ["expected one of train, export, plot"]),
+])
+def test_bad_input_is_one_sentence(argv, fragments, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    one_error_line(capsys, *fragments)
+    assert not (tmp_path / "runs").exists()  # nothing was written
+
+
+def test_run_dir_holding_something_else_is_refused(tmp_path, dataset, capsys):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert main(train_argv(tmp_path / "other", dataset)) == 2
+    one_error_line(capsys, "is not a fluxrl run directory")
+    assert os.listdir(tmp_path / "other") == ["notes.txt"]
+
+
+def test_help_lists_agent_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "test_engine", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--agent.lr" in out and "--balanced_sampling" in out and "--run_dir" in out
+
+
+# --- the dataset is optional: the task's default dataset is generated once into the cache -------------------
+
+
+def fake_generate(calls):
+    def generate(name, out, episodes=None, seed=0, workers=1, **_):
+        calls.append(name)
+        save_npz(out, regular_to_raw(tiny.synthetic_data(20, seed=0)))
+        save_npz(generate_module.val_path(out), regular_to_raw(tiny.synthetic_data(5, seed=1)))
+        return [out, generate_module.val_path(out)]
+    return generate
+
+
+def test_default_dataset_is_generated_once(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setenv("FLUXRL_DATA_DIR", str(tmp_path / "cache"))
+    slow = fake_generate(calls)
+
+    def generate(*args, **kw):
+        threading.Event().wait(0.3)  # both callers arrive while the first generates
+        return slow(*args, **kw)
+
+    monkeypatch.setattr(generate_module, "generate", generate)
+    stale = tmp_path / "cache" / ".tmp-cube-single-play-killed"  # left by a generation that was killed
+    stale.mkdir(parents=True)
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(cache.default_dataset_path(tiny.TASK))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    expected = str(tmp_path / "cache" / "cube-single-play.npz")
+    assert paths == [expected, expected] and calls == ["cube-single-play"]
+    assert sorted(os.listdir(tmp_path / "cache")) == [".cube-single-play.lock", "cube-single-play-val.npz",
+                                                      "cube-single-play.npz"]
+    assert cache.default_dataset_path(tiny.TASK) == expected and calls == ["cube-single-play"]
+
+
+def test_train_without_dataset_uses_the_cache(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setenv("FLUXRL_DATA_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(generate_module, "generate", fake_generate(calls))
+    # The raw layout has no rewards: the task's relabelling runs (faked here: reward = -|a|).
+    monkeypatch.setattr(external, "relabel", lambda data, task: {
+        **data, "rewards": -np.abs(data["actions"]).sum(-1), "masks": np.ones(len(data["actions"]), np.float32)})
+    argv = [a for a in train_argv(tmp_path / "run", "-") if a not in ("--dataset", "-")]
+    assert main(argv + ["--steps", "10", "--eval_episodes", "0"]) == 0
+    assert calls == ["cube-single-play"]
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert str(tmp_path / "cache" / "cube-single-play.npz") in summary and "cube-single-play-val.npz" in summary

@@ -1,0 +1,461 @@
+"""The training engine with a tiny agent (defined here, following the agent contract) and a tiny env.
+
+This module is itself an importable agent (`test_engine`): test_checkpoint.py and test_cli_train.py train it
+through the CLI, in-process and in subprocesses."""
+
+import dataclasses
+import os
+import types
+from typing import Any
+
+import flax.struct
+import gymnasium
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fluxrl.data.dataset import save_npz
+from fluxrl.data.sampler import Sampler
+from fluxrl.train import TrainConfig, Trainer, TrainingDiverged, external
+from fluxrl.train.checkpoint import Checkpointer
+from fluxrl.train.engine import Carry, empty_accumulator, make_offline_chunk, seed_keys
+from fluxrl.train.replay import ReplayBuffer, mixed_sample
+
+TASK = "cube-single-play-singletask-task2"  # a real name; the env behind it is LineEnv (install_fakes)
+OBS_DIM, ACT_DIM, EPISODE_LENGTH = 3, 2, 8
+TRUE_W = np.array([[0.5, -0.2], [0.1, 0.4], [-0.3, 0.2]], np.float32)
+
+# --- the tiny agent: linear policy regressed on the data + a linear TD value (reads rewards/masks/next obs) ----
+
+NAME = "tiny"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    batch_size: int = 16
+    lr: float = 0.05
+    discount: float = 0.9
+    noise: float = 0.1  # input noise in the update, so the update's key matters
+    nan_at_step: int = -1  # from this update on, the loss and the gradients are NaN (divergence tests)
+
+
+PRESETS = {"paper": Config(), "cpu": Config(batch_size=8)}
+BATCH_SPEC = types.SimpleNamespace(keys=("observations", "actions", "rewards", "masks", "next_observations"))
+
+
+def for_task(config, task_name, preset):
+    return config
+
+
+class State(flax.struct.PyTreeNode):
+    params: dict
+    opt_state: Any
+    step: jax.Array
+    config: Config = flax.struct.field(pytree_node=False)
+
+
+def _optimizer(config):
+    return optax.adam(config.lr)
+
+
+def init(key, example_batch, config):
+    obs_dim, act_dim = example_batch["observations"].shape[-1], example_batch["actions"].shape[-1]
+    params = {"w": 0.1 * jax.random.normal(key, (obs_dim, act_dim)), "b": jnp.zeros(act_dim),
+              "v": jnp.zeros(obs_dim)}
+    return State(params, _optimizer(config).init(params), jnp.zeros((), jnp.int32), config)
+
+
+def _loss(params, batch, key, config):
+    obs = batch["observations"] + config.noise * jax.random.normal(key, batch["observations"].shape)
+    actor = jnp.mean((obs @ params["w"] + params["b"] - batch["actions"]) ** 2)
+    target = batch["rewards"] + config.discount * batch["masks"] * (
+        batch["next_observations"] @ jax.lax.stop_gradient(params["v"]))
+    critic = jnp.mean((batch["observations"] @ params["v"] - target) ** 2)
+    return actor + critic, {"actor_loss": actor, "critic_loss": critic}
+
+
+def update(state, batch, key):
+    grads, metrics = jax.grad(_loss, has_aux=True)(state.params, batch, key, state.config)
+    broken = (state.config.nan_at_step >= 0) & (state.step >= state.config.nan_at_step)
+    scale = jnp.where(broken, jnp.nan, 1.0)
+    grads = jax.tree_util.tree_map(lambda g: g * scale, grads)
+    metrics = {k: v * scale for k, v in metrics.items()}
+    updates, opt_state = _optimizer(state.config).update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+
+def loss_metrics(state, batch, key):
+    return _loss(state.params, batch, key, state.config)[1]
+
+
+def act(state, observations, key, deterministic=False):
+    actions = observations @ state.params["w"] + state.params["b"]
+    if not deterministic:
+        actions = actions + 0.1 * jax.random.normal(key, actions.shape)
+    return jnp.clip(actions, -1.0, 1.0)
+
+
+# --- the tiny env and data -----------------------------------------------------------------------------------
+
+
+class LineEnv(gymnasium.Env):
+    """s' = 0.9 s + 0.1 [a, 0] + noise (noise from the env's seeded RNG); reward = -|a - W^T s|^2; success when
+    the reward exceeds -0.01 (ends the episode); time limit EPISODE_LENGTH."""
+
+    def __init__(self, seed=None, render_size=None):
+        self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32)
+        self.action_space = gymnasium.spaces.Box(-1.0, 1.0, (ACT_DIM,), np.float32)
+        self.render_size = render_size or 16
+        self._first_seed = seed
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed if seed is not None else self._first_seed)
+        self._first_seed, self.t = None, 0
+        self.s = self.np_random.uniform(-1, 1, OBS_DIM).astype(np.float32)
+        return self.s.copy(), {"success": 0.0}
+
+    def step(self, action):
+        action = np.clip(np.asarray(action, np.float32), -1, 1)
+        reward = -float(np.sum((action - self.s @ TRUE_W) ** 2))
+        noise = 0.01 * self.np_random.standard_normal(OBS_DIM)
+        self.s = (0.9 * self.s + 0.1 * np.concatenate([action, [0.0]]) + noise).astype(np.float32)
+        self.t += 1
+        success = reward > -0.01
+        return self.s.copy(), reward, success, self.t >= EPISODE_LENGTH, {"success": float(success)}
+
+    def render(self):
+        return np.zeros((self.render_size, self.render_size, 3), np.uint8)
+
+
+def fake_make_env(task, seed=None, render_size=None):
+    return LineEnv(seed, render_size)
+
+
+def install_fakes():
+    """Route the engine's env seam to LineEnv (also used by subprocess tests)."""
+    external.make_env = fake_make_env
+
+
+def synthetic_data(episodes=20, seed=0):
+    """Regular-form dataset of LineEnv rollouts of a noisy linear behaviour policy, with rewards and masks."""
+    rng = np.random.default_rng(seed)
+    env = LineEnv()
+    rows = {k: [] for k in ("observations", "actions", "rewards", "masks", "terminals", "next_observations")}
+    for e in range(episodes):
+        s, _ = env.reset(seed=seed * 1000 + e)
+        done = False
+        while not done:
+            a = np.clip(s @ TRUE_W + 0.1 * rng.standard_normal(ACT_DIM), -1, 1).astype(np.float32)
+            s2, r, term, trunc, _ = env.step(a)
+            done = term or trunc
+            for k, v in (("observations", s), ("actions", a), ("rewards", r), ("masks", 1.0 - term),
+                         ("terminals", float(done)), ("next_observations", s2)):
+                rows[k].append(v)
+            s = s2
+    return {k: np.asarray(v, np.float32) for k, v in rows.items()}
+
+
+def write_dataset(directory, name="data"):
+    path = os.path.join(directory, f"{name}.npz")
+    save_npz(path, synthetic_data(20, seed=0))
+    save_npz(os.path.join(directory, f"{name}-val.npz"), synthetic_data(5, seed=1))
+    return path
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    monkeypatch.setattr(external, "make_env", fake_make_env)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_dataset(str(tmp_path_factory.mktemp("data")))
+
+
+def config(tmp_path, dataset, **kw):
+    base = dict(task=TASK, dataset=dataset, steps=40, seeds=1, run_dir=str(tmp_path / "run"), updates_per_call=10,
+                log_interval=10, eval_interval=20, eval_episodes=2, save_interval=20, quiet=True)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def leaves(tree):
+    return [np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+            for x in jax.tree_util.tree_leaves(tree)]
+
+
+def assert_trees_equal(a, b):
+    for x, y in zip(leaves(a), leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+# --- tests -----------------------------------------------------------------------------------------------------
+
+
+def test_scan_fused_updates_equal_single_updates():
+    """One compiled call of K scanned updates == K calls of one update == K plain agent.update calls."""
+    agent = __import__(__name__)
+    cfg = Config()
+    sampler = Sampler.create(synthetic_data(10))
+    fields = BATCH_SPEC.keys
+    example = sampler.sample(jax.random.key(0), cfg.batch_size, fields)
+    seeds = [3, 4]
+    state = jax.vmap(lambda k: init(k, example, cfg))(seed_keys(seeds, 0))
+    carry = Carry(agent=state, key=seed_keys(seeds, 1), acc=empty_accumulator(["actor_loss", "critic_loss"], 2))
+    chunk = make_offline_chunk(agent, cfg.batch_size, fields)
+    K = 12
+    fused = chunk(carry, sampler, jnp.int32(0), K)
+    stepped = carry
+    for i in range(K):
+        stepped = chunk(stepped, sampler, jnp.int32(i), 1)
+    assert_trees_equal(fused, stepped)
+    assert int(fused.acc["count"]) == K and np.all(np.asarray(fused.agent.step) == K)
+
+    # The same K updates by hand, seed 4 alone, without scan or vmap.
+    one = jax.tree_util.tree_map(lambda x: x[1], state)
+    key = seed_keys([4], 1)[0]
+    for _ in range(K):
+        key, k_sample, k_update = jax.random.split(key, 3)
+        one, _ = update(one, sampler.sample(k_sample, cfg.batch_size, fields), k_update)
+    for x, y in zip(leaves(jax.tree_util.tree_map(lambda x: x[1], fused.agent)), leaves(one), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_vmapped_seeds_match_separate_runs(tmp_path, dataset, fakes):
+    together = Trainer(__name__, config(tmp_path, dataset, seeds=2, seed=5, run_dir=str(tmp_path / "all")))
+    together.run()
+    for i, seed in ((1, 6),):
+        alone = Trainer(__name__, config(tmp_path, dataset, seeds=1, seed=seed, run_dir=str(tmp_path / f"s{seed}")))
+        alone.run()
+        for x, y in zip(leaves(jax.tree_util.tree_map(lambda x: x[i], together.carry.agent)),
+                        leaves(jax.tree_util.tree_map(lambda x: x[0], alone.carry.agent)), strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+        rows_all = _csv(tmp_path / "all" / "eval.csv")
+        rows_one = _csv(tmp_path / f"s{seed}" / "eval.csv")
+        mine = [r for r in rows_all if r["seed"] == str(seed)]
+        assert [r["step"] for r in mine] == [r["step"] for r in rows_one] == ["0", "20", "40"]
+        # Evaluation depends only on the seed's own state and seed value.
+        np.testing.assert_allclose([float(r["evaluation/return"]) for r in mine],
+                                   [float(r["evaluation/return"]) for r in rows_one], rtol=1e-4)
+
+
+def _csv(path):
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_offline_run_writes_logs_checkpoints_and_summary(tmp_path, dataset, fakes):
+    result = Trainer(__name__, config(tmp_path, dataset, seeds=2)).run()
+    run = tmp_path / "run"
+    train_rows = _csv(run / "train.csv")
+    assert [(r["step"], r["seed"]) for r in train_rows] == [(str(s), str(v)) for s in (10, 20, 30, 40) for v in (0, 1)]
+    for r in train_rows:
+        assert float(r["training/actor_loss"]) > 0 and float(r["validation/actor_loss"]) > 0
+        assert float(r["time/steps_per_second"]) > 0
+    eval_rows = _csv(run / "eval.csv")
+    assert [(r["step"], r["seed"]) for r in eval_rows] == [(str(s), str(v)) for s in (0, 20, 40) for v in (0, 1)]
+    assert all(float(r["evaluation/length"]) > 0 for r in eval_rows)
+    assert Checkpointer(str(run / "checkpoints")).all_steps() == [20, 40]
+    summary = (run / "summary.md").read_text()
+    for fragment in ("status: finished (step 40 of 40)", "preset paper", "seeds: 0, 1", "40 offline + 0 online",
+                     dataset, "-val.npz", "| mean ± std |", "jax:", "ogbench:", '"lr": 0.05'):
+        assert fragment in summary, fragment
+    assert (run / "config.json").exists() and result.step == 40 and result.last_eval["step"] == 40
+
+
+def test_training_mean_is_the_mean_over_the_log_interval(tmp_path, dataset, fakes):
+    """The logged training metric is the device-side mean over all updates of the interval."""
+    trainer = Trainer(__name__, config(tmp_path, dataset, steps=10, eval_episodes=0, updates_per_call=10))
+    trainer.run()
+    rows = _csv(tmp_path / "run" / "train.csv")
+    # Re-run the 10 updates by hand and average their losses.
+    sampler = Sampler.create(synthetic_data(20, seed=0))
+    example = sampler.sample(jax.random.key(0), Config().batch_size, BATCH_SPEC.keys)
+    state = init(seed_keys([0], 0)[0], example, Config())
+    key, losses = seed_keys([0], 1)[0], []
+    for _ in range(10):
+        key, k_sample, k_update = jax.random.split(key, 3)
+        state, m = update(state, sampler.sample(k_sample, Config().batch_size, BATCH_SPEC.keys), k_update)
+        losses.append(float(m["actor_loss"]))
+    np.testing.assert_allclose(float(rows[0]["training/actor_loss"]), np.mean(losses), rtol=1e-5)
+
+
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path, dataset, fakes):
+    trainer = Trainer(__name__, config(tmp_path, dataset, steps=60, eval_episodes=0), Config(nan_at_step=25))
+    with pytest.raises(TrainingDiverged, match=r"step 26 for seed 0 \(actor_loss, critic_loss\).*step 20\) is kept"):
+        trainer.run()
+    checkpointer = Checkpointer(str(tmp_path / "run" / "checkpoints"))
+    assert checkpointer.all_steps() == [20]
+    restored, meta = checkpointer.restore(trainer.carry)
+    assert all(np.all(np.isfinite(x)) for x in leaves(restored.agent) if x.dtype.kind == "f")
+    assert "status: diverged" in (tmp_path / "run" / "summary.md").read_text()
+
+
+def test_replay_mix_proportions():
+    offline = synthetic_data(10)
+    sampler = Sampler.create(offline)
+    buffer = ReplayBuffer.create(2, 100, (OBS_DIM,), jnp.float32, ACT_DIM)
+    add = jax.jit(ReplayBuffer.add)
+    for i in range(40):  # online observations are marked by a large negative first coordinate
+        obs = jnp.full((2, OBS_DIM), -100.0 - i)
+        transition = {"observations": obs, "next_observations": obs, "actions": jnp.zeros((2, ACT_DIM)),
+                      "rewards": jnp.zeros(2), "masks": jnp.ones(2), "terminals": jnp.zeros(2)}
+        buffer = add(buffer, transition)
+    assert int(buffer.size) == 40 and int(buffer.pointer) == 40
+    keys = seed_keys([0, 1], 9)
+    fields = ("observations", "actions")
+    mix = jax.jit(mixed_sample, static_argnums=(3, 4, 5, 6))
+    balanced = mix(sampler, buffer, keys, 64, fields, True, ())
+    assert balanced["observations"].shape == (2, 64, OBS_DIM)
+    assert np.all(np.asarray(balanced["observations"][:, 32:, 0]) <= -100)  # second half online
+    assert np.all(np.asarray(balanced["observations"][:, :32, 0]) > -100)
+    uniform = mix(sampler, buffer, keys, 20000, fields, False, ())
+    online_share = np.mean(np.asarray(uniform["observations"][..., 0]) <= -100)
+    assert abs(online_share - 40 / (sampler.size + 40)) < 0.02  # uniform over offline + 40 online transitions
+    scratch = mix(None, buffer, keys, 64, fields, False, ())
+    assert np.all(np.asarray(scratch["observations"][..., 0]) <= -100)
+    assert set(np.unique(np.asarray(scratch["observations"][..., 0]))) <= {-100.0 - i for i in range(40)}
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_offline_to_online(tmp_path, dataset, fakes, balanced):
+    cfg = config(tmp_path, dataset, seeds=2, steps=20, online_steps=30, balanced_sampling=balanced,
+                 log_interval=10, save_interval=25)
+    trainer = Trainer(__name__, cfg)
+    trainer.run()
+    assert np.all(np.asarray(trainer.carry.agent.step) == 50)  # one update per online step
+    buffer = trainer.carry.buffer
+    assert int(buffer.size) == 30
+    rewards = np.asarray(buffer.data["rewards"])
+    assert np.all(rewards <= 0) and np.all(rewards < 0)  # the env's rewards, stored per seed
+    assert not np.array_equal(np.asarray(buffer.data["observations"][0]), np.asarray(buffer.data["observations"][1]))
+    exploration = _csv(tmp_path / "run" / "exploration.csv")
+    assert exploration and all(float(r["exploration/length"]) <= EPISODE_LENGTH for r in exploration)
+    assert Checkpointer(str(tmp_path / "run" / "checkpoints")).all_steps() == [25, 50]
+
+
+def test_online_from_scratch_with_warmup(tmp_path, fakes):
+    cfg = config(tmp_path, None, steps=0, online_steps=30, warmup_steps=10, eval_episodes=1, eval_interval=30)
+    trainer = Trainer(__name__, cfg)
+    trainer.run()
+    assert int(np.asarray(trainer.carry.agent.step)[0]) == 20  # no updates during the 10 warm-up steps
+    assert trainer.dataset_info is None
+    assert "dataset: none (online from scratch)" in (tmp_path / "run" / "summary.md").read_text()
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_online_resume_is_bit_identical(tmp_path, dataset, fakes, monkeypatch):
+    """An online run stopped right after a checkpoint, mid-episode, resumes by replaying the env's episode and
+    ends exactly where the uninterrupted run ends."""
+    kw = dict(seeds=2, steps=10, online_steps=40, log_interval=5, save_interval=13, eval_episodes=0)
+    straight = Trainer(__name__, config(tmp_path, dataset, run_dir=str(tmp_path / "a"), **kw))
+    straight.run()
+
+    real_save = Checkpointer.save
+
+    def save_then_die(self, step, tree, meta):
+        real_save(self, step, tree, meta)
+        if step == 26:  # 16 online steps: both envs are mid-episode (length 8 unless success)
+            raise _Killed
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_die)
+    with pytest.raises(_Killed):
+        Trainer(__name__, config(tmp_path, dataset, run_dir=str(tmp_path / "b"), **kw)).run()
+    monkeypatch.setattr(Checkpointer, "save", real_save)
+    resumed = Trainer(__name__, config(tmp_path, dataset, run_dir=str(tmp_path / "b"), **kw))
+    assert resumed.resuming
+    resumed.run()
+    assert_trees_equal(straight.carry, resumed.carry)
+    assert straight.host == resumed.host
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
+    for name in ("train.csv", "exploration.csv"):
+        assert strip(_csv(tmp_path / "a" / name)) == strip(_csv(tmp_path / "b" / name))
+
+
+def test_run_dir_with_another_config_is_refused(tmp_path, dataset, fakes):
+    Trainer(__name__, config(tmp_path, dataset, steps=10, eval_episodes=0)).run()
+    from fluxrl.errors import FluxrlError
+
+    with pytest.raises(FluxrlError, match=r"different configuration \(--steps: saved 10, given 20\)"):
+        Trainer(__name__, config(tmp_path, dataset, steps=20, eval_episodes=0))
+    with pytest.raises(FluxrlError, match=r"--agent.lr: saved 0.05, given 0.1"):
+        Trainer(__name__, config(tmp_path, dataset, steps=10, eval_episodes=0), Config(lr=0.1))
+    # Runtime options may change: this resumes (and, being finished, does nothing).
+    again = Trainer(__name__, config(tmp_path, dataset, steps=10, eval_episodes=0, tensorboard=True))
+    assert again.resuming
+
+
+def test_progress_prints_summary_lines_without_a_tty():
+    import io
+
+    from fluxrl.train.loggers import Progress
+
+    stream = io.StringIO()
+    progress = Progress(total=100, initial=0, quiet=False, stream=stream)
+    progress.set_eval("eval success 0.5 @ 50")
+    progress.line(50, 123.4, {"training/critic_loss": 0.25})
+    progress.close()
+    assert stream.getvalue() == "step 50/100 | 123.4 steps/s | critic_loss 0.25 | eval success 0.5 @ 50\n"
+    quiet = io.StringIO()
+    Progress(total=100, initial=0, quiet=True, stream=quiet).line(50, 1.0, {})
+    assert quiet.getvalue() == ""
+
+
+def test_wandb_sink_logs_per_seed_and_mean(tmp_path, monkeypatch):
+    """The W&B adapter against a stand-in module (wandb itself is an optional extra)."""
+    from fluxrl.train.loggers import WandbSink
+
+    logged, inits = [], []
+    run = types.SimpleNamespace(log=lambda payload, step: logged.append((step, payload)), finish=lambda: None)
+    fake = types.SimpleNamespace(init=lambda **kw: inits.append(kw) or run)
+    monkeypatch.setitem(__import__("sys").modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    sink = WandbSink(str(tmp_path), "proj", "name", {"a": 1}, "id1")
+    sink.write("train", 10, [{"seed": 0, "training/loss": 1.0}, {"seed": 1, "training/loss": 3.0}])
+    sink.close()
+    assert inits[0]["mode"] == "offline" and inits[0]["resume"] == "allow" and inits[0]["id"] == "id1"
+    assert logged == [(10, {"seed_0/training/loss": 1.0, "seed_1/training/loss": 3.0, "training/loss": 2.0})]
+
+
+def _registered_agents():
+    import fluxrl.agents as agents
+
+    registry = getattr(agents, "REGISTRY", None)
+    return sorted(registry) if registry is not None else list(agents.names())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _registered_agents())
+def test_registered_agent_offline_to_online_export_and_load(name, tmp_path, dataset, fakes):
+    """Every registered agent (tiny networks) through the engine: offline, online, checkpoint, export, load."""
+    from fluxrl.train import export_policy, load_policy
+    from fluxrl.train.config import preset_config, resolve_agent
+    from fluxrl.train.engine import make_act
+
+    agent = resolve_agent(name)
+    agent_config = preset_config(agent, "cpu", TASK)
+    tiny_nets = {f.name: (16, 16) for f in dataclasses.fields(agent_config)
+                 if isinstance(getattr(agent_config, f.name), tuple)
+                 and all(isinstance(x, int) for x in getattr(agent_config, f.name))}
+    agent_config = dataclasses.replace(agent_config, batch_size=16, **tiny_nets)
+    cfg = config(tmp_path, dataset, seeds=2, steps=10, online_steps=5, log_interval=5, eval_interval=15,
+                 eval_episodes=1, save_interval=15)
+    trainer = Trainer(name, cfg, agent_config)
+    trainer.run()
+    assert np.all(np.asarray(trainer.carry.agent.step) == 15)
+    rows = _csv(tmp_path / "run" / "train.csv")
+    assert rows and all(np.isfinite(float(v)) for r in rows for k, v in r.items() if k.startswith("training/"))
+    policy = load_policy(export_policy(str(tmp_path / "run"), seed=1))
+    obs = np.random.default_rng(0).uniform(-1, 1, (4, OBS_DIM)).astype(np.float32)
+    state = jax.tree_util.tree_map(lambda x: x[1], trainer.carry.agent)
+    expected = make_act(agent, True)(state, jnp.asarray(obs), jax.random.key(0))
+    np.testing.assert_allclose(np.asarray(policy(obs)), np.asarray(expected), rtol=1e-5, atol=1e-6)
+    assert np.all(np.abs(np.asarray(policy(obs))) <= 1.0)
