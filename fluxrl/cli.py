@@ -6,6 +6,7 @@
   fluxrl tasks
   fluxrl eval TASK [--policy random|oracle] [--episodes N] [--seed S] [--video FILE]
   fluxrl train AGENT ... | fluxrl export RUN_DIR ... | fluxrl plot RUN_DIR... --out FILE.png
+  fluxrl pretrain AGENT ... | fluxrl finetune PRETRAIN_DIR ...
   fluxrl demo [--out DIR]
 
 User errors print one sentence and exit with status 2; nothing already on disk is replaced without --overwrite.
@@ -19,7 +20,7 @@ import sys
 
 from fluxrl.errors import FluxrlError
 
-ENGINE_COMMANDS = ("train", "export", "plot")
+ENGINE_COMMANDS = ("train", "pretrain", "finetune", "export", "plot")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -3,6 +3,8 @@
   fluxrl train AGENT --task TASK [--dataset FILE] [--steps N] [--seeds K] [--preset paper|cpu] [--run_dir DIR]
                [--agent.FIELD VALUE ...] [... every TrainConfig field, see --help]
   fluxrl train --resume RUN_DIR [--quiet] [--tensorboard] [--wandb]
+  fluxrl pretrain AGENT --task TASK --dataset REWARD_FREE_FILE [--steps N] [--run_dir DIR] [...as train]
+  fluxrl finetune PRETRAIN_DIR --dataset REWARD_LABELLED_FILE [--task TASK] [--steps N] [--run_dir DIR] [...]
   fluxrl export RUN_DIR [--seed S] [--out PATH] [--step N]
   fluxrl plot RUN_DIR... --out FILE.png [--metric NAME] [--overwrite]
 
@@ -73,8 +75,8 @@ def _resume_args(argv):
     return parser.parse_args(argv)
 
 
-def train_main(argv: list[str]) -> int:
-    from fluxrl.train.config import TrainConfig, from_jsonable, preset_config, resolve_agent
+def train_main(argv: list[str], pretrain: bool = False) -> int:
+    from fluxrl.train.config import PRETRAIN_SUFFIX, TrainConfig, from_jsonable, preset_config, resolve_agent
     from fluxrl.train.engine import CONFIG_FILE, Trainer
 
     if not argv or argv[0] in ("-h", "--help"):
@@ -95,6 +97,8 @@ def train_main(argv: list[str]) -> int:
         agent_config = from_jsonable(module.Config, record["agent_config"], path)
     else:
         agent_spec, rest = argv[0], argv[1:]
+        if pretrain:
+            agent_spec += PRETRAIN_SUFFIX
         module = resolve_agent(agent_spec)
         pre = argparse.ArgumentParser(add_help=False)
         pre.add_argument("--task")
@@ -107,10 +111,54 @@ def train_main(argv: list[str]) -> int:
         base = (preset_config(module, known.preset, known.task) if known.task
                 else module.PRESETS.get(known.preset, module.Config()))
         args_cls = _args_class(type(base))
-        default = args_cls(**{"task": known.task or "", "preset": known.preset, "agent": base})
-        args = _tyro_parse(args_cls, rest, default, prog=f"fluxrl train {agent_spec}")
+        # Pre-training is reward-free: no evaluation unless asked for.
+        default = args_cls(**{"task": known.task or "", "preset": known.preset, "agent": base,
+                              **({"eval_episodes": 0} if pretrain else {})})
+        command = "pretrain" if pretrain else "train"
+        args = _tyro_parse(args_cls, rest, default, prog=f"fluxrl {command} {argv[0]}")
         config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
         agent_config = args.agent
+    result = Trainer(agent_spec, config, agent_config).run()
+    print(_final_line(result), flush=True)
+    return 0
+
+
+def pretrain_main(argv: list[str]) -> int:
+    if argv and argv[0].startswith("--resume"):
+        return train_main(argv)  # the run directory knows its phase
+    return train_main(argv, pretrain=True)
+
+
+def finetune_main(argv: list[str]) -> int:
+    """Fine-tune a pre-training run: same agent, agent config and seeds; new dataset, steps and run directory."""
+    from fluxrl.train.config import PRETRAIN_SUFFIX, TrainConfig, from_jsonable, resolve_agent
+    from fluxrl.train.engine import CONFIG_FILE, Trainer
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else EXIT_USER_ERROR
+    source, rest = os.path.abspath(argv[0]), argv[1:]
+    path = os.path.join(source, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FluxrlError(f"{argv[0]} is not a fluxrl run directory (no {CONFIG_FILE}).")
+    with open(path) as f:
+        record = json.load(f)
+    if not record["agent"].endswith(PRETRAIN_SUFFIX):
+        raise FluxrlError(f"{argv[0]} is not a pre-training run (it trained {record['agent']}); fine-tune the "
+                          f"output of `fluxrl pretrain`.")
+    agent_spec = record["agent"][: -len(PRETRAIN_SUFFIX)]
+    module = resolve_agent(agent_spec)
+    pretrained = from_jsonable(TrainConfig, record["train"], path)
+    default = dataclasses.replace(
+        pretrained, dataset=None, init_from=source, run_dir=os.path.join(source, "finetune"),
+        eval_episodes=TrainConfig.eval_episodes, quiet=False, tensorboard=False, wandb=False)
+    config = _tyro_parse(TrainConfig, rest, default, prog=f"fluxrl finetune {argv[0]}")
+    if (config.seed, config.seeds) != (pretrained.seed, pretrained.seeds):
+        raise FluxrlError(f"Fine-tuning continues each pre-trained seed: keep --seed {pretrained.seed} and "
+                          f"--seeds {pretrained.seeds}.")
+    if config.init_from != source:
+        raise FluxrlError("--init_from is set by `fluxrl finetune` itself; give the pre-training run as its argument.")
+    agent_config = from_jsonable(module.Config, record["agent_config"], path)
     result = Trainer(agent_spec, config, agent_config).run()
     print(_final_line(result), flush=True)
     return 0
@@ -154,7 +202,8 @@ def plot_main(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": train_main, "export": export_main, "plot": plot_main}
+COMMANDS = {"train": train_main, "pretrain": pretrain_main, "finetune": finetune_main, "export": export_main,
+            "plot": plot_main}
 
 
 def run_command(command: str, argv: list[str]) -> int:

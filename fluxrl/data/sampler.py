@@ -169,3 +169,15 @@ def observation_stats(data: Mapping[str, np.ndarray], eps: float = 1e-6) -> dict
         "min": obs.min(axis=0).astype(np.float32),
         "max": obs.max(axis=0).astype(np.float32),
     }
+
+
+def normalize_observations(data: Mapping[str, np.ndarray], stats: Mapping[str, np.ndarray]) -> dict:
+    """A copy of `data` with observations (and next_observations) z-scored: (x - mean) / std, float32."""
+    if np.asarray(data["observations"]).dtype == np.uint8:
+        raise FluxrlError("Observation normalisation is for state observations; pixel (uint8) datasets need "
+                          "--agent.obs_norm none.")
+    out = dict(data)
+    for key in ("observations", "next_observations"):
+        if key in out:
+            out[key] = ((np.asarray(out[key], np.float32) - stats["mean"]) / stats["std"]).astype(np.float32)
+    return out

@@ -63,11 +63,14 @@ class TrainConfig:
     """W&B project name."""
     quiet: bool = False
     """No progress bar and no periodic summary lines."""
+    init_from: str | None = None
+    """A pre-training run directory (fluxrl pretrain) whose latest agent state this run starts from (fine-tuning)."""
 
 
 # Options that may differ when a run is resumed: they change what is displayed or mirrored, not what is trained.
 RUNTIME_FIELDS = ("quiet", "tensorboard", "wandb", "wandb_project", "run_dir")
 DEFAULT_FROM_SCRATCH_WARMUP = 5000
+PRETRAIN_SUFFIX = ":pretrain"
 
 
 def validate_train_config(cfg: TrainConfig) -> None:
@@ -152,7 +155,12 @@ def _dataclass_type(hint, field: dataclasses.Field):
 
 def resolve_agent(name: str) -> types.ModuleType:
     """A registered agent (fluxrl.agents), or any importable module following the agent contract (e.g.
-    mypackage.my_agent), so users can train their own agents without registering them."""
+    mypackage.my_agent), so users can train their own agents without registering them. `NAME:pretrain` is the
+    agent's pre-training phase (fluxrl.train.phases)."""
+    if name.endswith(PRETRAIN_SUFFIX):
+        from fluxrl.train.phases import pretrain_view
+
+        return pretrain_view(resolve_agent(name[: -len(PRETRAIN_SUFFIX)]), name)
     agents = importlib.import_module("fluxrl.agents")
     registry = getattr(agents, "REGISTRY", None)
     known = tuple(registry) if registry is not None else tuple(agents.names())

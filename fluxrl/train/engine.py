@@ -36,10 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from fluxrl.data.generate import val_path  # the validation split: -val before .npz (OGBench)
-from fluxrl.data.sampler import Sampler
+from fluxrl.data.sampler import Sampler, normalize_observations, observation_stats
 from fluxrl.errors import FluxrlError
 from fluxrl.train import external
-from fluxrl.train.checkpoint import Checkpointer, all_finite
+from fluxrl.train.checkpoint import Checkpointer, all_finite, parse_signature
 from fluxrl.train.config import (
     DEFAULT_FROM_SCRATCH_WARMUP,
     RUNTIME_FIELDS,
@@ -278,7 +278,13 @@ class Trainer:
 
     def _setup_data(self) -> None:
         self.sampler = self.val_sampler = None
-        self.dataset_info = None
+        self.dataset_info = self.obs_norm = self.data_stats = None
+        obs_norm = getattr(self.agent_config, "obs_norm", "none")
+        if obs_norm not in ("none", "normal"):
+            raise FluxrlError(f"--agent.obs_norm must be none or normal, got '{obs_norm}'.")
+        if obs_norm == "normal" and self.online:
+            raise FluxrlError("Observation normalisation (--agent.obs_norm normal) is supported offline only; "
+                              "use --agent.obs_norm none for online training.")
         if self.from_scratch:
             return
         path = self.cfg.dataset
@@ -289,12 +295,23 @@ class Trainer:
         path = os.path.abspath(path)
         data, meta = self._load(path)
         self.dataset_info = dataset_metadata(path, data, meta)
+        if obs_norm == "normal":
+            # Statistics of this phase's dataset (the official InFOM code normalises each phase separately).
+            stats = observation_stats(data)
+            self.obs_norm = {"mean": stats["mean"].tolist(), "std": stats["std"].tolist()}
+            data = normalize_observations(data, stats)
+        if hasattr(self.agent, "set_data_stats"):
+            self.data_stats = {k: jnp.asarray(v) for k, v in observation_stats(data).items()}
         self.sampler = Sampler.create(data, frame_stack=self.frame_stack)
         del data  # the device copy is the only one kept
         self.sampler.check(self.fields)
         validation = val_path(path)
         if os.path.exists(validation):
-            self.val_sampler = Sampler.create(self._load(validation)[0], frame_stack=self.frame_stack)
+            val_data = self._load(validation)[0]
+            if self.obs_norm:
+                val_data = normalize_observations(val_data, {k: np.asarray(v, np.float32)
+                                                             for k, v in self.obs_norm.items()})
+            self.val_sampler = Sampler.create(val_data, frame_stack=self.frame_stack)
             self.val_sampler.check(self.fields)
             self.dataset_info["validation_path"] = validation
 
@@ -323,7 +340,7 @@ class Trainer:
         # Per-row shapes and dtypes of a batch: all export/load_policy needs to rebuild the agent's state.
         self.example_spec = {k: [list(v.shape[1:]), str(v.dtype)] for k, v in example.items()}
         init_keys = seed_keys(self.seeds, 0)
-        state = make_init(self.agent)(init_keys, example, self.agent_config)
+        state = self._with_data_stats(make_init(self.agent)(init_keys, example, self.agent_config))
         one_state = jax.tree_util.tree_map(lambda x: x[0], state)
         metric_shapes = jax.eval_shape(
             lambda s, b, k: self.agent.update(s, b, k)[1], one_state, example, jax.random.key(0))
@@ -341,6 +358,45 @@ class Trainer:
             pending = jnp.zeros((len(self.seeds), self.action_dim), jnp.float32)
         return Carry(agent=state, key=seed_keys(self.seeds, 1), acc=empty_accumulator(metric_shapes, len(self.seeds)),
                      buffer=buffer, pending_action=pending)
+
+    def _with_data_stats(self, state):
+        if self.data_stats is None:
+            return state
+        return jax.vmap(self.agent.set_data_stats, in_axes=(0, None))(state, self.data_stats)
+
+    def _pretrained_agent(self, template):
+        """The agent states (all seeds) of the latest checkpoint of the pre-training run cfg.init_from, matched
+        leaf by leaf to `template`, then prepared for fine-tuning (begin_finetune, this phase's data stats)."""
+        source = self.cfg.init_from
+        directory = os.path.join(source, "checkpoints")
+        if not os.path.isdir(directory):
+            raise FluxrlError(f"{source} is not a pre-training run directory (no checkpoints/).")
+        checkpointer = Checkpointer(directory)
+        try:
+            meta = checkpointer.read_meta()
+            if meta.get("seeds") != self.seeds:
+                raise FluxrlError(f"{source} pre-trained seeds {meta.get('seeds')}; fine-tuning must use the same "
+                                  f"seeds (got {self.seeds}).")
+            stored = {parse_signature(e)[0]: (f"{i:06d}", parse_signature(e)) for i, e in
+                      enumerate(meta["leaf_signature"])}
+            wanted, order = {}, []
+            for path, leaf in jax.tree_util.tree_leaves_with_path(template):
+                name = ".agent" + jax.tree_util.keystr(path)
+                value = jax.random.key_data(leaf) if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key) else leaf
+                if name not in stored or tuple(stored[name][1][1]) != tuple(value.shape):
+                    raise FluxrlError(f"{source}'s checkpoint does not fit this agent and configuration (array "
+                                      f"{name}); fine-tune with the agent config the pre-training used.")
+                wanted[stored[name][0]] = (value.shape, value.dtype)
+                order.append((stored[name][0], leaf))
+            arrays = checkpointer.restore_arrays(meta["step"], wanted)
+        finally:
+            checkpointer.close()
+        leaves = [jax.random.wrap_key_data(arrays[k], impl=jax.random.key_impl(leaf))
+                  if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key) else arrays[k] for k, leaf in order]
+        state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), leaves)
+        state = jax.jit(jax.vmap(self.agent.begin_finetune))(state)
+        self.progress.message(f"Starting from {source} (pre-trained for {meta['step']} steps).")
+        return self._with_data_stats(state)
 
     def _setup_sinks(self, offsets) -> None:
         sinks = [FileSink(self.run_dir, offsets)]
@@ -366,7 +422,8 @@ class Trainer:
         self.checkpointer = Checkpointer(os.path.join(self.run_dir, "checkpoints"), keep=cfg.keep_checkpoints)
         self.carry = self._initial_carry()
         meta = None
-        if self.resuming and self.checkpointer.latest_step() is not None:
+        resume = self.resuming and self.checkpointer.latest_step() is not None
+        if resume:
             self.carry, meta = self.checkpointer.restore(self.carry)
         self.step = meta["step"] if meta else 0
         self.last_eval = meta.get("last_eval") if meta else None
@@ -374,6 +431,8 @@ class Trainer:
         self.stopwatch = Stopwatch(meta["elapsed"] if meta else 0.0)
         self._setup_sinks(meta["log_offsets"] if meta else None)
         self.progress = Progress(self.total_steps, self.step, cfg.quiet)
+        if cfg.init_from and not resume:
+            self.carry = self.carry.replace(agent=self._pretrained_agent(self.carry.agent))
         self._window = (self.step, self.stopwatch.elapsed())
         if meta:
             self.progress.message(f"Resuming {self.run_dir} at step {self.step}.")
@@ -401,6 +460,9 @@ class Trainer:
         self.val_keys = seed_keys(self.seeds, 2)
         # The deterministic flag of the official evaluation (e.g. FQL samples its noise even there).
         self.act_eval = make_act(self.agent, bool(getattr(self.agent, "EVAL_DETERMINISTIC", True)))
+        if self.obs_norm:  # the agent sees normalised observations; the environment gives raw ones
+            act, mean, std = self.act_eval, jnp.asarray(self.obs_norm["mean"]), jnp.asarray(self.obs_norm["std"])
+            self.act_eval = lambda state, observations, key: act(state, (observations - mean) / std, key)
         if self.online:
             self.online_step = make_online_step(self.agent, self.batch_size, self.fields, self.sample_options,
                                                 self.cfg.balanced_sampling, self.action_dim)
@@ -509,6 +571,7 @@ class Trainer:
             "elapsed": self.stopwatch.elapsed(),
             "seeds": self.seeds,
             "example_batch": self.example_spec,
+            "obs_norm": self.obs_norm,
         }
         self.checkpointer.save(self.step, self.carry, meta)
 

@@ -114,6 +114,7 @@ def export_policy(run_dir: str, seed: int | None = None, out: str | None = None,
         "agent": record["agent"],
         "agent_config": record["agent_config"],
         "example_batch": meta["example_batch"],
+        "obs_norm": meta.get("obs_norm"),  # applied to raw observations before act (None: none)
         "task": train.task,
         "seed": seed,
         "step": step,
@@ -146,7 +147,9 @@ class LoadedPolicy:
         self.agent, self.state, self.meta = agent, state, meta
         self.observation_shape = tuple(spec["observations"][0])
         self.config = state.config if hasattr(state, "config") else None
-        self._act = jax.jit(lambda s, o, k, d: agent.act(s, o, k, deterministic=d), static_argnums=3)
+        norm = meta.get("obs_norm")
+        mean, std = (jnp.asarray(norm["mean"]), jnp.asarray(norm["std"])) if norm else (0.0, 1.0)
+        self._act = jax.jit(lambda s, o, k, d: agent.act(s, (o - mean) / std, k, deterministic=d), static_argnums=3)
 
     def __call__(self, observations, key=None, deterministic: bool = True):
         if key is None:
