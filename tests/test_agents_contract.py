@@ -115,9 +115,13 @@ def test_init_update_shapes_and_finite_metrics(setup):
     assert jax.tree_util.tree_structure(s2) == jax.tree_util.tree_structure(state)
     for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(s2)):
         assert a.shape == b.shape and a.dtype == b.dtype
-    # Every trained module moves within two updates (ReBRAC's actor only moves on the second).
+    # Every trained module moves within max(2, actor_freq) updates (ReBRAC's actor first moves on the second,
+    # InFOM's on its actor_freq-th).
+    moved = s2
+    for i in range(2, max(2, getattr(setup.config, "actor_freq", 1))):
+        moved, _ = setup.update(moved, setup.batch, jax.random.key(i + 1))
     for name in state.params:
-        assert not leaves_equal(state.params[name], s2.params[name]), name
+        assert not leaves_equal(state.params[name], moved.params[name]), name
 
 
 def test_init_rejects_a_batch_without_actions(setup):

@@ -188,7 +188,7 @@ def test_divergence_exits_non_zero_with_one_message(tmp_path, dataset, capsys):
     (["export", "/nonexistent_run"], ["not a fluxrl run directory"]),
     (["export"], ["run_dir"]),
     (["plot", "/nonexistent_run", "--out", "x.png"], ["not a fluxrl run directory"]),
-    (["nosuchcommand"], ["expected one of train, export, plot"]),
+    (["nosuchcommand"], ["expected one of train, pretrain, finetune, export, plot"]),
 ])
 def test_bad_input_is_one_sentence(argv, fragments, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

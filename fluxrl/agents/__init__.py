@@ -19,6 +19,9 @@ _MODULES = {
     "iql": "fluxrl.agents.iql",
     "rebrac": "fluxrl.agents.rebrac",
     "fql": "fluxrl.agents.fql",
+    "infom": "fluxrl.agents.infom",
+    "fom": "fluxrl.agents.fom",
+    "infom_gpi": "fluxrl.agents.infom_gpi",
 }
 
 
