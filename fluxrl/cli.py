@@ -136,7 +136,7 @@ def _cmd_eval(args) -> int:
         env_fn, policy, episodes=args.episodes, seed=args.seed, video_path=args.video,
         video_episodes=args.video_episodes, max_steps=args.max_steps,
     )
-    print(result.summary() if hasattr(result, "summary") else result)
+    print(result.summary())
     return 0
 
 
