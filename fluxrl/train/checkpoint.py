@@ -13,7 +13,9 @@ the previous checkpoint intact (leftover temporary directories are cleaned up on
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +73,11 @@ class Checkpointer:
 
     def __init__(self, directory: str, keep: int = 2):
         self.directory = os.path.abspath(directory)
+        # A save killed midway leaves orbax's temporary directory; remove it now, synchronously (orbax's own
+        # cleanup_tmp_directories may still be running in the background when the manager is first used). A run
+        # directory belongs to one run, so no other process can be writing here.
+        for leftover in glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp*")):
+            shutil.rmtree(leftover, ignore_errors=True)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=False, cleanup_tmp_directories=True, create=True
         )
