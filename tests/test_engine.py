@@ -468,3 +468,21 @@ def test_registered_agent_offline_to_online_export_and_load(name, tmp_path, data
     expected = make_act(agent, True)(state, jnp.asarray(obs), jax.random.key(0))
     np.testing.assert_allclose(np.asarray(policy(obs)), np.asarray(expected), rtol=1e-5, atol=1e-6)
     assert np.all(np.abs(np.asarray(policy(obs))) <= 1.0)
+
+
+def test_dataset_actions_are_clipped_just_inside_the_bounds(tmp_path, fakes):
+    """As the official loaders: actions at ±1 would give degenerate flow/tanh targets."""
+    data = synthetic_data(20)
+    assert len(data["actions"]) > 20
+    data["actions"][:5], data["actions"][5:10] = 1.0, -1.0
+    inside = data["actions"][10:].copy()
+    path = str(tmp_path / "edge.npz")
+    save_npz(path, data)
+    trainer = Trainer(__name__, config(tmp_path, path, eval_episodes=0))
+    trainer._setup_envs()
+    loaded, _ = trainer._load(path)
+    edge = np.float32(1 - 1e-5)
+    assert np.abs(loaded["actions"]).max() == edge
+    assert np.sum(np.all(loaded["actions"] == edge, axis=1)) == 5
+    assert np.sum(np.all(loaded["actions"] == -edge, axis=1)) == 5
+    assert np.isin(inside, loaded["actions"]).all()  # the others are untouched

@@ -20,7 +20,7 @@ Acting: a = clip(mu(s, z)), z ~ N(0, I): one network call. The official evaluati
 Deviations from the official code: none in the update. Gradient routing is written out (stop_gradient on the
 target critic, on the frozen critic in L_q, on the one-step policy inside the TD target and on the distillation
 target) where the official code relies on calling modules without `params=`.
-Dataset actions are expected inside [-1, 1] (the official loader clips them to ±(1 - 1e-5)).
+Dataset actions arrive clipped to ±(1 - 1e-5) by the engine, as the official loader clips them.
 """
 
 from __future__ import annotations

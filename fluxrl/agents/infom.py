@@ -343,6 +343,11 @@ def encode(encoder_params, observations, actions, config):
     return intention_encoder(config).apply({"params": encoder_params}, observations, actions)
 
 
+def intentions(state: State, observations, actions) -> jax.Array:
+    """Posterior means E[z | s', a'] (rows, latent_dim); only agents with an intention encoder define it."""
+    return encode(state.params["intention_encoder"], observations, actions, state.config).loc
+
+
 def occupancy_loss(params, state: State, batch, key):
     """The SARSA flow occupancy loss plus kl_weight * KL (the negative ELBO); see the module docstring."""
     config = state.config

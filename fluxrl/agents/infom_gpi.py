@@ -30,6 +30,7 @@ from fluxrl.agents.infom import (  # noqa: F401  (re-exported: the agent contrac
     State,
     act,
     begin_finetune,
+    intentions,
     pretrain_loss_metrics,
     pretrain_update,
     set_data_stats,

@@ -38,7 +38,7 @@ import numpy as np
 from fluxrl.data.generate import val_path  # the validation split: -val before .npz (OGBench)
 from fluxrl.data.sampler import Sampler, normalize_observations, observation_stats
 from fluxrl.errors import FluxrlError
-from fluxrl.train import external
+from fluxrl.train import external, intentions
 from fluxrl.train.checkpoint import Checkpointer, all_finite, parse_signature
 from fluxrl.train.config import (
     DEFAULT_FROM_SCRATCH_WARMUP,
@@ -56,6 +56,7 @@ from fluxrl.train.summary import dataset_metadata, write_summary
 
 CONFIG_FILE = "config.json"
 SAMPLE_OPTION_NAMES = ("future_discount", "chunk_size")
+ACTION_CLIP = 1.0 - 1e-5  # dataset actions are clipped to ±ACTION_CLIP on loading
 # numpy SeedSequence salts: one stream per purpose, so purposes never share random numbers.
 ENV_EPISODE_SALT, EVAL_EPISODE_SALT = 1, 2
 
@@ -269,6 +270,11 @@ class Trainer:
 
     def _load(self, path: str) -> tuple[dict, dict]:
         data, meta = external.load_dataset(path)
+        # As the official loaders (FQL and its descendants): agents squash or clip into [-1, 1], and
+        # actions exactly at the bounds would make flow/tanh targets degenerate.
+        for key in ("actions", "next_actions"):
+            if key in data:
+                data[key] = np.clip(data[key], -ACTION_CLIP, ACTION_CLIP)
         if self.obs_space is not None:
             external.check_compatible(data, self.obs_space.shape, self.action_dim, path, self.cfg.task)
         if any(f in ("rewards", "masks", "rewards_chunk", "masks_chunk") for f in self.fields) or self.online:
@@ -277,7 +283,7 @@ class Trainer:
         return data, meta
 
     def _setup_data(self) -> None:
-        self.sampler = self.val_sampler = None
+        self.sampler = self.val_sampler = self.intention_sample = None
         self.dataset_info = self.obs_norm = self.data_stats = None
         obs_norm = getattr(self.agent_config, "obs_norm", "none")
         if obs_norm not in ("none", "normal"):
@@ -300,6 +306,8 @@ class Trainer:
             stats = observation_stats(data)
             self.obs_norm = {"mean": stats["mean"].tolist(), "std": stats["std"].tolist()}
             data = normalize_observations(data, stats)
+        if hasattr(self.agent, "intentions"):
+            self.intention_sample = intentions.sample_rows(data, maze="maze" in self.cfg.task)
         if hasattr(self.agent, "set_data_stats"):
             self.data_stats = {k: jnp.asarray(v) for k, v in observation_stats(data).items()}
         self.sampler = Sampler.create(data, frame_stack=self.frame_stack)
@@ -451,6 +459,7 @@ class Trainer:
             self.progress.close()
             self.sink.close()
             self.checkpointer.close()
+        self._write_intentions()
         self._write_summary("finished")
         return RunResult(self.run_dir, self.step, self.seeds, self.last_eval)
 
@@ -574,6 +583,21 @@ class Trainer:
             "obs_norm": self.obs_norm,
         }
         self.checkpointer.save(self.step, self.carry, meta)
+
+    def _write_intentions(self) -> None:
+        """intentions.png/json: what the intention encoder infers on dataset rows with known behaviour goals."""
+        sample = self.intention_sample
+        if sample is None:
+            return
+        latents = jax.jit(jax.vmap(self.agent.intentions, in_axes=(0, None, None)))(
+            self.carry.agent, jnp.asarray(sample["observations"]), jnp.asarray(sample["actions"]))
+        record = intentions.write_intentions(
+            self.run_dir, [np.asarray(z) for z in latents], sample, self.seeds,
+            f"{self.agent.NAME} on {self.cfg.task}, step {self.step}")
+        self.progress.message(
+            f"Intentions: goal probe accuracy {min(record['latent_probe_accuracy'].values()):.2f}-"
+            f"{max(record['latent_probe_accuracy'].values()):.2f} from z, {record['raw_input_probe_accuracy']:.2f} "
+            f"from (s', a'), majority {record['majority_rate']:.2f} ({self.run_dir}/intentions.png).")
 
     def _write_summary(self, status: str) -> None:
         write_summary(self.run_dir, self.config_record(), status=status, step=self.step,
