@@ -103,12 +103,13 @@ def train_main(argv: list[str], pretrain: bool = False) -> int:
         pre = argparse.ArgumentParser(add_help=False)
         pre.add_argument("--task")
         pre.add_argument("--preset", default="paper")
+        pre.add_argument("--online_steps", "--online-steps", type=int, default=0)
         known, _ = pre.parse_known_args(rest)
         asking_help = any(a in ("-h", "--help") for a in rest)
         if known.task is None and not asking_help:
             raise FluxrlError(f"--task is required (e.g. fluxrl train {agent_spec} --task "
                               f"cube-single-play-singletask-task2).")
-        base = (preset_config(module, known.preset, known.task) if known.task
+        base = (preset_config(module, known.preset, known.task, online=known.online_steps > 0) if known.task
                 else module.PRESETS.get(known.preset, module.Config()))
         args_cls = _args_class(type(base))
         # Pre-training is reward-free: no evaluation unless asked for.

@@ -267,3 +267,26 @@ def test_per_task_paper_values(agent, task, expected):
     for preset in ("paper", "cpu"):  # alpha depends on the task's reward scale, not on network size
         config = agents.make_config(agent, preset, task)
         assert {k: getattr(config, k) for k in expected} == expected, (preset, task)
+
+
+@pytest.mark.parametrize(
+    "task, offline, online",
+    [
+        ("humanoidmaze-medium-navigate-singletask", 30.0, 100.0),
+        ("antsoccer-arena-navigate-singletask-task1", 10.0, 30.0),
+        ("cube-double-play-singletask-task2", 300.0, 300.0),
+        ("puzzle-4x4-play-singletask-task1", 1000.0, 1000.0),
+        ("antmaze-large-play-v2", 3.0, 3.0),
+        ("pen-cloned-v1", 10000.0, 1000.0),
+        ("door-cloned-v1", 30000.0, 1000.0),
+        ("relocate-cloned-v1", 30000.0, 10000.0),
+    ],
+)
+def test_fql_offline_to_online_alpha_table(task, offline, online):
+    """FQL's README uses other alphas for offline-to-online runs; the engine asks for them when online_steps > 0."""
+    from fluxrl.train.config import preset_config
+
+    fql = agents.get("fql")
+    assert preset_config(fql, "paper", task).alpha == offline
+    assert preset_config(fql, "paper", task, online=True).alpha == online
+    assert preset_config(agents.get("iql"), "paper", task, online=True) == preset_config(agents.get("iql"), "paper", task)

@@ -120,11 +120,25 @@ TASK_VALUES = merge_tables(
 )
 
 
-def for_task(config: Config, task_name: str | None, preset: str) -> Config:
-    """The paper's per-task alpha / q_agg / discount; they depend on the task's reward scale, not on network
-    size, so the cpu preset gets them too."""
+# Official README, offline-to-online commands: where alpha differs from the offline value (D4RL antmaze keeps it).
+ONLINE_TASK_VALUES = merge_tables(
+    TASK_VALUES,
+    {
+        "humanoidmaze-medium-navigate": {"alpha": 100.0},
+        "antsoccer-arena-navigate": {"alpha": 30.0},
+        "pen-cloned": {"alpha": 1000.0},
+        "door-cloned": {"alpha": 1000.0},
+        "hammer-cloned": {"alpha": 1000.0},
+        "relocate-cloned": {"alpha": 10000.0},
+    },
+)
+
+
+def for_task(config: Config, task_name: str | None, preset: str, online: bool = False) -> Config:
+    """The paper's per-task alpha / q_agg / discount (the offline-to-online table when the run has online steps);
+    they depend on the task's reward scale, not on network size, so the cpu preset gets them too."""
     check_preset(PRESETS, preset)
-    return with_task_values(config, task_name, TASK_VALUES)
+    return with_task_values(config, task_name, ONLINE_TASK_VALUES if online else TASK_VALUES)
 
 
 BATCH_SPEC = BatchSpec(keys=("observations", "actions", "rewards", "masks", "next_observations"))

@@ -7,6 +7,7 @@ run: task, data, length, seeds, intervals, sinks. Both are frozen dataclasses, s
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import importlib
 import types
 import typing
@@ -186,12 +187,14 @@ def agent_name(module: types.ModuleType) -> str:
     return getattr(module, "NAME", module.__name__)
 
 
-def preset_config(module: types.ModuleType, preset: str, task: str):
-    """The agent's preset, with the per-task paper values applied (for_task)."""
+def preset_config(module: types.ModuleType, preset: str, task: str, online: bool = False):
+    """The agent's preset, with the per-task paper values applied (for_task). `online`: the run has online steps;
+    agents whose for_task takes an `online` argument (FQL: its offline-to-online alpha table) get it."""
     presets = module.PRESETS
     if preset not in presets:
         raise FluxrlError(f"Unknown --preset '{preset}' for agent {agent_name(module)}; known: {', '.join(presets)}.")
     config = presets[preset]
     if hasattr(module, "for_task"):
-        config = module.for_task(config, task, preset)
+        takes_online = "online" in inspect.signature(module.for_task).parameters
+        config = module.for_task(config, task, preset, **({"online": online} if takes_online else {}))
     return config

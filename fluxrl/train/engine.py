@@ -215,7 +215,7 @@ class Trainer:
         self.agent = resolve_agent(agent) if isinstance(agent, str) else agent
         self.cfg = config
         self.agent_config = agent_config if agent_config is not None else preset_config(
-            self.agent, config.preset, config.task)
+            self.agent, config.preset, config.task, online=config.online_steps > 0)
         self.seeds = [config.seed + i for i in range(config.seeds)]
         self.total_steps = config.steps + config.online_steps
         spec = self.agent.BATCH_SPEC
