@@ -311,3 +311,18 @@ def test_offscreen_render(task):
     env.close()
     with pytest.raises(FluxrlError, match="render_size"):
         make_dmc_env(task).render()
+
+
+def test_exploration_segments_label_each_step_with_its_process():
+    actions, modes = generate_dmc.exploration_segments(np.random.default_rng(3), 1000, 6)
+    np.testing.assert_array_equal(actions, generate_dmc.exploration_actions(np.random.default_rng(3), 1000, 6))
+    assert modes.shape == (1000,) and set(np.unique(modes)) <= set(range(len(generate_dmc.MODES)))
+    changes = np.flatnonzero(np.diff(modes)) + 1
+    runs = np.diff(np.concatenate([[0], changes, [1000]]))
+    assert runs[:-1].min() >= generate_dmc.SEGMENT_STEPS[0]  # piecewise constant over segments
+    # "hold" segments repeat actions, the others almost never do.
+    repeats = np.all(actions[1:] == actions[:-1], axis=1)
+    hold = generate_dmc.MODES.index("hold")
+    if np.any(modes[1:] == hold):
+        assert repeats[modes[1:] == hold].mean() > 0.8
+    assert repeats[modes[1:] != hold].mean() < 0.05

@@ -24,24 +24,27 @@ def test_probe_separates_what_is_separable_and_not_noise():
     assert probe_accuracy(rng.normal(size=(800, 4)), labels) < 0.4  # chance is ~0.25
 
 
-def test_maze_labels_are_goal_cells_and_manipulation_labels_are_goal_clusters():
+def test_labels_are_goal_cells_goal_clusters_or_exploration_modes():
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 30, 500).astype(np.int32)
-    labels, name = goal_labels({"behavior_goal_ids": ids}, maze=True)
+    labels, name = goal_labels({"behavior_goal_ids": ids}, "pointmaze-medium-navigate-singletask-task1")
     assert name == "goal cell" and np.array_equal(labels, ids)
     # Two well separated kinds of target: no cluster mixes them.
     kind = rng.integers(0, 2, 500)
     goals = np.where(kind[:, None] == 1, 5.0, -5.0) + 0.01 * rng.normal(size=(500, 12))
-    labels, name = goal_labels({"behavior_goal_ids": ids, "behavior_goals": goals.astype(np.float32)}, maze=False)
+    labels, name = goal_labels({"behavior_goal_ids": ids, "behavior_goals": goals.astype(np.float32)},
+                               "cube-single-play-singletask-task1")
     assert name.startswith("goal cluster") and len(np.unique(labels)) > 1
     assert not set(labels[kind == 0]) & set(labels[kind == 1])
-    assert goal_labels({"observations": np.zeros((3, 2))}, maze=True) is None
+    assert goal_labels({"observations": np.zeros((3, 2))}, "pointmaze-medium-navigate-singletask-task1") is None
+    labels, name = goal_labels({"behavior_goal_ids": ids % 4}, "walker-walk")
+    assert name == "exploration mode" and np.array_equal(labels, ids % 4)
 
 
 def test_sample_rows_keeps_valid_rows_only():
     data = {"observations": np.arange(20, dtype=np.float32)[:, None], "actions": np.zeros((20, 1), np.float32),
             "behavior_goal_ids": np.arange(20), "valids": (np.arange(20) % 2 == 0).astype(np.float32)}
-    sample = sample_rows(data, maze=True, rows=50)
+    sample = sample_rows(data, "pointmaze-medium-navigate-singletask-task1", rows=50)
     assert len(sample["labels"]) == 10 and np.all(sample["observations"][:, 0] % 2 == 0)
     assert np.array_equal(sample["labels"], sample["observations"][:, 0].astype(int))
 

@@ -28,7 +28,8 @@ from the task's own initial-state distribution (as ExORL's), and episodes are in
 
 Each episode is collected on the domain's first task in fluxrl.names.DMC_TASKS (the reward is not stored) and
 stores, per state row, `physics`: the full MuJoCo state (qpos, qvel, act) in float64, from which
-fluxrl.data.relabel_dmc computes the reward of any task of the domain exactly.
+fluxrl.data.relabel_dmc computes the reward of any task of the domain exactly, and `behavior_goal_ids`: the index
+in MODES of the exploration process that chose the row's action (what InFOM's intention plot is coloured by).
 """
 
 from __future__ import annotations
@@ -93,14 +94,21 @@ _GENERATORS = {"white": _white, "ou": _ou, "hold": _hold, "sine": _sine}
 
 def exploration_actions(rng: np.random.Generator, steps: int, action_dim: int) -> np.ndarray:
     """The open-loop action sequence of one episode: float32 (steps, action_dim) in [-1, 1]."""
+    return exploration_segments(rng, steps, action_dim)[0]
+
+
+def exploration_segments(rng: np.random.Generator, steps: int, action_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(actions, modes): the episode's actions and, per step, the index in MODES of the process that drew it."""
     actions = np.empty((steps, action_dim))
+    modes = np.empty(steps, np.int32)
     t = 0
     while t < steps:
         length = min(steps - t, int(rng.integers(SEGMENT_STEPS[0], SEGMENT_STEPS[1] + 1)))
-        mode = MODES[int(rng.integers(len(MODES)))]
-        actions[t : t + length] = _GENERATORS[mode](rng, length, action_dim)
+        mode = int(rng.integers(len(MODES)))
+        actions[t : t + length] = _GENERATORS[MODES[mode]](rng, length, action_dim)
+        modes[t : t + length] = mode
         t += length
-    return np.clip(actions, -1.0, 1.0).astype(np.float32)
+    return np.clip(actions, -1.0, 1.0).astype(np.float32), modes
 
 
 def _env(domain: str) -> DMCEnv:
@@ -116,7 +124,7 @@ def collect_episode(spec: DatasetSpec, seed: int) -> dict[str, np.ndarray]:
     env_seed, policy_seed = np.random.SeedSequence(seed).spawn(2)
     obs, _ = env.reset(seed=int(env_seed.generate_state(1)[0]))
     steps = env.max_episode_steps
-    actions = exploration_actions(np.random.default_rng(policy_seed), steps, env.action_space.shape[0])
+    actions, modes = exploration_segments(np.random.default_rng(policy_seed), steps, env.action_space.shape[0])
     observations = np.empty((steps + 1,) + obs.shape, np.float32)
     physics = np.empty((steps + 1, len(physics_state(env))), np.float64)
     observations[0], physics[0] = obs, physics_state(env)
@@ -132,4 +140,6 @@ def collect_episode(spec: DatasetSpec, seed: int) -> dict[str, np.ndarray]:
         "actions": np.concatenate([actions, np.zeros((1, actions.shape[1]), np.float32)]),
         "terminals": terminals,
         "physics": physics,
+        # The behaviour "intention" of each row: the exploration process acting there (the last row repeats).
+        "behavior_goal_ids": np.concatenate([modes, modes[-1:]]),
     }

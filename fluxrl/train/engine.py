@@ -307,7 +307,7 @@ class Trainer:
             self.obs_norm = {"mean": stats["mean"].tolist(), "std": stats["std"].tolist()}
             data = normalize_observations(data, stats)
         if hasattr(self.agent, "intentions"):
-            self.intention_sample = intentions.sample_rows(data, maze="maze" in self.cfg.task)
+            self.intention_sample = intentions.sample_rows(data, self.cfg.task)
         if hasattr(self.agent, "set_data_stats"):
             self.data_stats = {k: jnp.asarray(v) for k, v in observation_stats(data).items()}
         self.sampler = Sampler.create(data, frame_stack=self.frame_stack)

@@ -6,7 +6,8 @@ p_e(z | s', a') (InFOM does). The engine calls `write_intentions` at the end of 
 dataset records its behaviour goals (fluxrl's OGBench generators do):
   - point-maze navigation: `behavior_goal_ids` is the goal cell, so the label is the cell;
   - manipulation: ids only count targets within an episode, so the label is one of 8 k-means clusters of the
-    `behavior_goals` vectors (the target's one-hot task, position and states), i.e. "which kind of target".
+    `behavior_goals` vectors (the target's one-hot task, position and states), i.e. "which kind of target";
+  - DMC exploration data: the exploration process (white / ou / hold / sine) that chose the row's action.
 Outputs in the run directory: intentions.png (seed 0) and intentions.json (probe accuracy per seed, the accuracy
 of the same probe on the raw (s', a') inputs, and the majority-class rate). The probe is multinomial logistic
 regression on a 70/30 split; comparing it with the raw-input probe tells whether z carries goal information
@@ -24,12 +25,15 @@ SAMPLE_ROWS = 2000
 GOAL_CLUSTERS = 8
 
 
-def goal_labels(data: dict, maze: bool) -> tuple[np.ndarray, str] | None:
+def goal_labels(data: dict, task: str) -> tuple[np.ndarray, str] | None:
     """(per-row labels, what they are) from the dataset's behaviour goals; None when it records none."""
     if "behavior_goal_ids" not in data:
         return None
-    if maze or "behavior_goals" not in data:
-        return np.asarray(data["behavior_goal_ids"]).astype(np.int64), "goal cell"
+    ids = np.asarray(data["behavior_goal_ids"]).astype(np.int64)
+    if "maze" in task:
+        return ids, "goal cell"
+    if "behavior_goals" not in data:  # DMC exploration data: the exploration process of the row
+        return ids, "exploration mode"
     from sklearn.cluster import KMeans
 
     goals = np.asarray(data["behavior_goals"], np.float64)
@@ -38,9 +42,9 @@ def goal_labels(data: dict, maze: bool) -> tuple[np.ndarray, str] | None:
     return kmeans.predict(goals).astype(np.int64), f"goal cluster (k-means, k={GOAL_CLUSTERS})"
 
 
-def sample_rows(data: dict, maze: bool, rows: int = SAMPLE_ROWS, seed: int = 0) -> dict | None:
+def sample_rows(data: dict, task: str, rows: int = SAMPLE_ROWS, seed: int = 0) -> dict | None:
     """A fixed random subset of (s', a') rows with their goal labels (valid rows only), or None."""
-    labelled = goal_labels(data, maze)
+    labelled = goal_labels(data, task)
     if labelled is None:
         return None
     labels, label_name = labelled
