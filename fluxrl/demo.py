@@ -1,37 +1,44 @@
 """`fluxrl demo`: the main job on an embedded default, end to end on a laptop CPU (no download, no prior step).
 
-1. generate a small point-maze navigation dataset with the scripted noisy subgoal-following behaviour policy;
-2. evaluate the scripted oracle and a random policy on the task (reference points);
-3. train FQL (cpu preset) and BC (cpu preset) on it offline, evaluating as they go;
-4. write learning curves, a results table and each run's summary into the output directory.
+InFOM's two phases on DeepMind Control's walker, as in the paper's ExORL experiments (at laptop scale):
+1. generate a small reward-free walker exploration dataset (fluxrl's ExORL stand-in: open-loop exploration
+   processes; each row records which process acted);
+2. evaluate a random policy on the task (reference point);
+3. pre-train InFOM (cpu preset) on the dataset without rewards: intention encoder, flow occupancy model, BC actor;
+   write the t-SNE plot of the inferred intentions coloured by the exploration process;
+4. fine-tune it on the same transitions labelled with walker-stand's reward (relabelled exactly from the stored
+   physics states), evaluating as it goes (the step-0 evaluation is the pre-trained behaviour-cloning actor);
+5. write learning curves, a results table and each run's summary into the output directory.
 
 Everything here is a `cpu`-preset result on a small locally generated dataset: it shows the pipeline working and
-learning, not the papers' numbers.
+learning, not the paper's numbers.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 import numpy as np
 
 from fluxrl.errors import FluxrlError
 
-TASK = "pointmaze-medium-navigate-singletask-task1"
-DATASET = "pointmaze-medium-navigate"
-EPISODES, VAL_EPISODES = 100, 10  # 100k + 10k transitions (OGBench's dataset is 1M)
-AGENTS = ("fql", "bc")
-STEPS = 5_000
+TASK = "walker-stand"
+DATASET = "walker-explore"
+EPISODES, VAL_EPISODES = 100, 10  # 100k + 10k transitions (InFOM pre-trains on 1M)
+AGENT = "infom"
+PRETRAIN_STEPS = 3_000
+FINETUNE_STEPS = 3_000
 SEEDS = 2
-EVAL_INTERVAL, EVAL_EPISODES = 2_500, 10
+EVAL_INTERVAL, EVAL_EPISODES = 1_000, 5
 
 
 def run_demo(out: str, quiet: bool = False) -> int:
     from fluxrl.data.generate import generate
     from fluxrl.data.info import dataset_info
     from fluxrl.train.config import TrainConfig
-    from fluxrl.train.engine import train
+    from fluxrl.train.engine import Trainer
     from fluxrl.train.plotting import plot_runs
 
     out = os.path.abspath(out)
@@ -41,83 +48,76 @@ def run_demo(out: str, quiet: bool = False) -> int:
 
     data_path = os.path.join(out, "data", f"{DATASET}.npz")
     if not os.path.exists(data_path):
-        say(f"[1/4] generating {DATASET}: {EPISODES} episodes of 1000 steps (+{VAL_EPISODES} validation episodes)")
+        say(f"[1/5] generating {DATASET}: {EPISODES} episodes of 1000 steps (+{VAL_EPISODES} validation episodes)")
         generate(DATASET, data_path, episodes=EPISODES, val_episodes=VAL_EPISODES, seed=0,
                  workers=os.cpu_count() or 1, progress=not quiet)
     else:
-        say(f"[1/4] reusing {data_path}")
+        say(f"[1/5] reusing {data_path}")
     with open(os.path.join(out, "dataset_info.txt"), "w") as f:
         f.write(dataset_info(data_path) + "\n")
 
-    say("[2/4] evaluating the scripted oracle and a random policy for reference")
+    say("[2/5] evaluating a random policy for reference")
     references = _reference_scores(EVAL_EPISODES)
 
-    results = {}
-    for i, agent in enumerate(AGENTS):
-        run_dir = os.path.join(out, "runs", agent)
-        say(f"[3/4] training {agent} ({i + 1}/{len(AGENTS)}): cpu preset, {STEPS} steps, {SEEDS} seeds -> {run_dir}")
-        config = TrainConfig(
-            task=TASK, dataset=data_path, steps=STEPS, seeds=SEEDS, preset="cpu", run_dir=run_dir,
-            log_interval=500, eval_interval=EVAL_INTERVAL, eval_episodes=EVAL_EPISODES,
-            save_interval=STEPS, quiet=quiet,
-        )
-        results[agent] = train(agent, config)
+    common = dict(task=TASK, dataset=data_path, seeds=SEEDS, preset="cpu", log_interval=500, quiet=quiet)
+    pre_dir, ft_dir = os.path.join(out, "runs", "pretrain"), os.path.join(out, "runs", "finetune")
+    say(f"[3/5] pre-training {AGENT} without rewards: cpu preset, {PRETRAIN_STEPS} steps, {SEEDS} seeds -> {pre_dir}")
+    pre = Trainer(f"{AGENT}:pretrain", TrainConfig(steps=PRETRAIN_STEPS, run_dir=pre_dir, eval_episodes=0,
+                                                  save_interval=PRETRAIN_STEPS, **common))
+    pre.run()
+    say(f"[4/5] fine-tuning on {TASK}'s rewards: {FINETUNE_STEPS} steps -> {ft_dir}")
+    finetune = Trainer(AGENT, TrainConfig(steps=FINETUNE_STEPS, run_dir=ft_dir, init_from=pre_dir,
+                                          eval_interval=EVAL_INTERVAL, eval_episodes=EVAL_EPISODES,
+                                          save_interval=FINETUNE_STEPS, **common), pre.agent_config)
+    result = finetune.run()
 
-    say("[4/4] writing curves and the results table")
-    curves = os.path.join(out, "learning_curves.png")
-    plot_runs([r.run_dir for r in results.values()], curves, overwrite=True)
-    # Sparse-reward navigation needs far more than a demo's steps to reach the goal; FQL's Q estimate shows the
-    # value propagating meanwhile.
-    plot_runs([results["fql"].run_dir], os.path.join(out, "fql_q_mean.png"), metric="training/critic/q_mean",
+    say("[5/5] writing curves, the intention plot and the results table")
+    plot_runs([ft_dir], os.path.join(out, "learning_curve.png"), metric="evaluation/return", overwrite=True)
+    plot_runs([pre_dir], os.path.join(out, "pretraining_loss.png"), metric="training/flow_occupancy/flow_matching_loss",
               overwrite=True)
-    table = _results_table(results, references, time.time() - started)
+    shutil.copyfile(os.path.join(pre_dir, "intentions.png"), os.path.join(out, "intentions.png"))
+    table = _results_table(ft_dir, result, references, time.time() - started)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table)
     say("\n" + table)
-    say(f"outputs in {out}: results.md, learning_curves.png, fql_q_mean.png, dataset_info.txt, runs/*/summary.md")
+    say(f"outputs in {out}: results.md, learning_curve.png, intentions.png, pretraining_loss.png, dataset_info.txt, "
+        f"runs/*/summary.md")
     return 0
 
 
 def _reference_scores(episodes: int) -> dict:
     from fluxrl.envs import make_env
     from fluxrl.envs.evaluate import evaluate
-    from fluxrl.envs.ogbench_envs import oracle_policy
 
-    holder = {}
-
-    def oracle_env(*args, **kwargs):
-        env = make_env(TASK, *args, **kwargs)
-        holder["policy"] = oracle_policy(env)
-        return env
-
-    oracle = evaluate(oracle_env, lambda obs, rng: holder["policy"](obs, rng), episodes=episodes, seed=0)
     space = make_env(TASK).action_space
     random = evaluate(TASK, lambda obs, rng: rng.uniform(space.low, space.high).astype(np.float32),
                       episodes=episodes, seed=0)
-    return {"scripted oracle": oracle, "uniform random": random}
+    return {"uniform random": random}
 
 
-def _results_table(results: dict, references: dict, seconds: float) -> str:
+def _results_table(ft_dir: str, result, references: dict, seconds: float) -> str:
+    from fluxrl.train.plotting import run_curves
+
+    if not result.last_eval:
+        raise FluxrlError("The fine-tuning run ended without an evaluation.")
+    returns = run_curves(ft_dir, "evaluation/return")
     lines = [
-        f"# fluxrl demo: {TASK}",
+        f"# fluxrl demo: InFOM on {TASK}",
         "",
         f"Preset `cpu` (small networks), dataset {DATASET} generated locally ({EPISODES} episodes x 1000 steps, "
-        f"seed 0), {STEPS} offline steps, {SEEDS} seeds, {EVAL_EPISODES} evaluation episodes per seed and "
+        f"seed 0), {PRETRAIN_STEPS} reward-free pre-training steps then {FINETUNE_STEPS} fine-tuning steps on the "
+        f"same transitions with the task's reward, {SEEDS} seeds, {EVAL_EPISODES} evaluation episodes per seed and "
         f"evaluation. Not a paper-preset number. Wall time {seconds / 60:.1f} min.",
         "",
-        "| policy | success (mean over seeds) | per seed | return |",
-        "|---|---|---|---|",
+        "| policy | return (mean over seeds) | per seed |",
+        "|---|---|---|",
     ]
-    for name, result in results.items():
-        if not result.last_eval:
-            raise FluxrlError(f"The {name} run ended without an evaluation.")
-        rows = result.last_eval["rows"]
-        success = [r["evaluation/success"] for r in rows]
-        returns = [r["evaluation/return"] for r in rows]
-        lines.append(f"| {name} (step {result.last_eval['step']}) | {np.mean(success):.2f} | "
-                     f"{', '.join(f'{s:.2f}' for s in success)} | {np.mean(returns):.1f} |")
+    for label, index in (("pre-trained BC actor (fine-tuning step 0)", 0), ("fine-tuned InFOM", -1)):
+        step = max(int(curve[0][index]) for curve in returns.values())
+        per_seed = [float(curve[1][index]) for curve in returns.values()]
+        lines.append(f"| {label}, step {step} | {np.mean(per_seed):.1f} | {', '.join(f'{r:.1f}' for r in per_seed)} |")
     for name, r in references.items():
-        lines.append(f"| {name} | {r.success_rate:.2f} | - | {r.mean_return:.1f} |")
+        lines.append(f"| {name} | {r.mean_return:.1f} | - |")
     return "\n".join(lines) + "\n"
 
 

@@ -326,3 +326,9 @@ def test_exploration_segments_label_each_step_with_its_process():
     if np.any(modes[1:] == hold):
         assert repeats[modes[1:] == hold].mean() > 0.8
     assert repeats[modes[1:] != hold].mean() < 0.05
+
+
+def test_intention_plot_names_the_exploration_modes_in_order():
+    from fluxrl.train.intentions import EXPLORATION_MODES
+
+    assert EXPLORATION_MODES == generate_dmc.MODES

@@ -23,6 +23,7 @@ import numpy as np
 
 SAMPLE_ROWS = 2000
 GOAL_CLUSTERS = 8
+EXPLORATION_MODES = ("white", "ou", "hold", "sine")  # fluxrl.data.generate_dmc.MODES (importing it needs dm_control)
 
 
 def goal_labels(data: dict, task: str) -> tuple[np.ndarray, str] | None:
@@ -33,7 +34,7 @@ def goal_labels(data: dict, task: str) -> tuple[np.ndarray, str] | None:
     if "maze" in task:
         return ids, "goal cell"
     if "behavior_goals" not in data:  # DMC exploration data: the exploration process of the row
-        return ids, "exploration mode"
+        return ids, "exploration mode (" + ", ".join(f"{i} {m}" for i, m in enumerate(EXPLORATION_MODES)) + ")"
     from sklearn.cluster import KMeans
 
     goals = np.asarray(data["behavior_goals"], np.float64)
@@ -88,8 +89,8 @@ def plot_embedding(latents: np.ndarray, labels: np.ndarray, label_name: str, tit
     ax.set_xticks([])
     ax.set_yticks([])
     if len(values) <= 20:
-        ax.legend(title=label_name, fontsize=6, title_fontsize=7, markerscale=2, loc="center left",
-                  bbox_to_anchor=(1.0, 0.5))
+        ax.legend(title=label_name.replace(" (", "\n("), fontsize=6, title_fontsize=7, markerscale=2,
+                  loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=120)
@@ -117,7 +118,7 @@ def write_intentions(run_dir: str, latents_per_seed: list[np.ndarray], sample: d
     os.replace(tmp, os.path.join(run_dir, "intentions.json"))
     accuracy = record["latent_probe_accuracy"][str(seeds[0])]
     plot_embedding(latents_per_seed[0], labels, sample["label_name"],
-                   f"{title}\nt-SNE of E[z | s', a'] (seed {seeds[0]}), {len(labels)} rows; probe accuracy "
+                   f"{title}\nt-SNE of E[z | s', a'] (seed {seeds[0]}), {len(labels)} rows\ngoal probe accuracy "
                    f"{accuracy:.2f} (raw inputs {record['raw_input_probe_accuracy']:.2f}, majority {majority:.2f})",
                    os.path.join(run_dir, "intentions.png"))
     return record
