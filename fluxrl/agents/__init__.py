@@ -22,6 +22,10 @@ _MODULES = {
     "infom": "fluxrl.agents.infom",
     "fom": "fluxrl.agents.fom",
     "infom_gpi": "fluxrl.agents.infom_gpi",
+    "flowq": "fluxrl.agents.flowq",
+    "qam": "fluxrl.agents.qam",
+    "gfp": "fluxrl.agents.gfp",
+    "dflow": "fluxrl.agents.dflow",
 }
 
 
