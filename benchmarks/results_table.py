@@ -42,8 +42,8 @@ def main() -> None:
     rows = [row(r, args.metric) for r in args.runs]
     steps = sorted({tuple(s) for s, _ in rows})
     print(f"{args.metric} at steps {'; '.join(', '.join(str(t) for t in s) for s in steps)}\n")
-    print(f"| agent | preset | task | dataset | seeds | mean over seeds at each evaluation | final (mean ± std over "
-          f"seeds; per seed) |")
+    print("| agent | preset | task | dataset | seeds | mean over seeds at each evaluation | final (mean ± std over "
+          "seeds; per seed) |")
     print("|---|---|---|---|---|---|---|")
     for _, text in rows:
         print(text)

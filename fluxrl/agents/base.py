@@ -75,6 +75,23 @@ def gradient_step(
     return optax.apply_updates(state.params, updates), opt_state, metrics
 
 
+def step_with_targets(state: AgentState, loss_fn: Callable[[dict], tuple[jax.Array, dict]], targets=("critic",)):
+    """gradient_step, then the target networks named in `targets` (the keys of state.target_params) move toward
+    the *pre-update* online parameters at rate config.tau, as the official FQL-codebase agents order it.
+    Returns (new state, metrics)."""
+    params, opt_state, metrics = gradient_step(state, loss_fn)
+    target = polyak({k: state.params[k] for k in targets}, state.target_params, state.config.tau)
+    new_state = state.replace(params=params, target_params=target, opt_state=opt_state, step=state.step + 1)
+    return new_state, metrics
+
+
+def policy_noise(key: jax.Array, observations: jax.Array, action_dim: int, deterministic) -> jax.Array:
+    """N(0, I) noise of a flow/one-step policy, one row per observation; zeros when `deterministic` (a Python or
+    traced bool)."""
+    noises = jax.random.normal(key, (*observations.shape[:-1], action_dim))
+    return jnp.where(deterministic, jnp.zeros_like(noises), noises)
+
+
 def polyak(online, target, tau: float):
     """target <- tau * online + (1 - tau) * target, leaf by leaf."""
     return jax.tree_util.tree_map(lambda p, tp: tau * p + (1.0 - tau) * tp, online, target)

@@ -39,9 +39,9 @@ from fluxrl.agents.base import (
     copy_tree,
     create_state,
     example_dims,
-    gradient_step,
     merge_tables,
-    polyak,
+    policy_noise,
+    step_with_targets,
     with_task_values,
 )
 from fluxrl.agents.flow_bc import bc_flow_loss, flow_network, sample_flow
@@ -259,11 +259,8 @@ def total_loss(params, state: AgentState, batch, key):
 
 
 def update(state: AgentState, batch, key):
-    params, opt_state, metrics = gradient_step(state, lambda p: total_loss(p, state, batch, key))
-    # Official order: the target follows the parameters the gradient was taken at (pre-update).
-    target = {"critic": polyak(state.params["critic"], state.target_params["critic"], state.config.tau)}
-    new_state = state.replace(params=params, target_params=target, opt_state=opt_state, step=state.step + 1)
-    return new_state, metrics
+    # Official order: the target critic follows the parameters the gradient was taken at (pre-update).
+    return step_with_targets(state, lambda p: total_loss(p, state, batch, key))
 
 
 def loss_metrics(state: AgentState, batch, key):
@@ -271,6 +268,5 @@ def loss_metrics(state: AgentState, batch, key):
 
 
 def act(state: AgentState, observations, key, deterministic=False):
-    noises = jax.random.normal(key, (*observations.shape[:-1], state.action_dim))
-    noises = jnp.where(deterministic, jnp.zeros_like(noises), noises)
+    noises = policy_noise(key, observations, state.action_dim, deterministic)
     return jnp.clip(onestep_actions(state.params["actor_onestep_flow"], observations, noises, state.config), -1.0, 1.0)

@@ -48,8 +48,8 @@ from fluxrl.agents.base import (
     copy_tree,
     create_state,
     example_dims,
-    gradient_step,
-    polyak,
+    policy_noise,
+    step_with_targets,
     with_task_values,
 )
 from fluxrl.errors import FluxrlError
@@ -420,10 +420,8 @@ def total_loss(params, state: AgentState, batch, key):
 
 
 def update(state: AgentState, batch, key):
-    params, opt_state, metrics = gradient_step(state, lambda p: total_loss(p, state, batch, key))
-    target = {"critic": polyak(state.params["critic"], state.target_params["critic"], state.config.tau)}
-    new_state = state.replace(params=params, target_params=target, opt_state=opt_state, step=state.step + 1)
-    return new_state, metrics
+    # Official order: the target critic follows the parameters the gradient was taken at (pre-update).
+    return step_with_targets(state, lambda p: total_loss(p, state, batch, key))
 
 
 def loss_metrics(state: AgentState, batch, key):
@@ -431,6 +429,5 @@ def loss_metrics(state: AgentState, batch, key):
 
 
 def act(state: AgentState, observations, key, deterministic=False):
-    noises = jax.random.normal(key, (*observations.shape[:-1], state.action_dim))
-    noises = jnp.where(deterministic, jnp.zeros_like(noises), noises)
+    noises = policy_noise(key, observations, state.action_dim, deterministic)
     return jnp.clip(actor_actions(state.params["actor"], observations, noises, state.config), -1.0, 1.0)

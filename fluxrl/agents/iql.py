@@ -32,9 +32,8 @@ from fluxrl.agents.base import (
     copy_tree,
     create_state,
     example_dims,
-    gradient_step,
     merge_tables,
-    polyak,
+    step_with_targets,
     with_task_values,
 )
 from fluxrl.agents.bc import actor_metrics, actor_network, gaussian_act
@@ -168,10 +167,8 @@ def total_loss(params, state: AgentState, batch, key):
 
 
 def update(state: AgentState, batch, key):
-    params, opt_state, metrics = gradient_step(state, lambda p: total_loss(p, state, batch, key))
-    target = {"critic": polyak(state.params["critic"], state.target_params["critic"], state.config.tau)}
-    new_state = state.replace(params=params, target_params=target, opt_state=opt_state, step=state.step + 1)
-    return new_state, metrics
+    # Official order: the target critic follows the parameters the gradient was taken at (pre-update).
+    return step_with_targets(state, lambda p: total_loss(p, state, batch, key))
 
 
 def loss_metrics(state: AgentState, batch, key):

@@ -60,6 +60,7 @@ from fluxrl.agents.base import (
     copy_tree,
     example_dims,
     merge_tables,
+    policy_noise,
     polyak,
     with_task_values,
 )
@@ -312,6 +313,5 @@ def loss_metrics(state: AgentState, batch, key):
 
 
 def act(state: AgentState, observations, key, deterministic=False):
-    noises = jax.random.normal(key, (*observations.shape[:-1], state.action_dim))
-    noises = jnp.where(deterministic, jnp.zeros_like(noises), noises)
+    noises = policy_noise(key, observations, state.action_dim, deterministic)
     return sample_flow(policy_flow(state.params, state.config), observations, noises, state.config)
