@@ -7,8 +7,8 @@ run: task, data, length, seeds, intervals, sinks. Both are frozen dataclasses, s
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import importlib
+import inspect
 import types
 import typing
 from typing import Any
