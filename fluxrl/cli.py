@@ -32,6 +32,13 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fluxrl", description="Reinforcement learning with flow-matching models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    # Listed for --help only: main() hands these to cli_train (tyro) before argparse sees them.
+    for name, text in (("train", "train an agent offline, offline-to-online or online (`fluxrl train AGENT --help`)"),
+                       ("pretrain", "reward-free pre-training (InFOM and its ablations)"),
+                       ("finetune", "fine-tune a pre-training run on a task's rewards"),
+                       ("export", "write a run's policy as a self-contained file"),
+                       ("plot", "draw learning curves of one or more runs")):
+        sub.add_parser(name, help=text, add_help=False)
     data = sub.add_parser("data", help="generate, inspect and relabel datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     gen = data_sub.add_parser("generate", help="generate a dataset locally (and its -val split)")

@@ -116,3 +116,12 @@ def test_tasks_lists_names(capsys):
     out = capsys.readouterr().out
     for name in ("cube-single-play", "pointmaze-large-navigate-singletask-task5", "jaco-reach_top_left"):
         assert name in out
+
+
+def test_top_level_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    listed = capsys.readouterr().out
+    for command in ("train", "pretrain", "finetune", "export", "plot", "data", "tasks", "eval", "demo"):
+        assert f"    {command} " in listed, command

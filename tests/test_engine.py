@@ -4,6 +4,7 @@ This module is itself an importable agent (`test_engine`): test_checkpoint.py an
 through the CLI, in-process and in subprocesses."""
 
 import dataclasses
+import json
 import os
 import types
 from typing import Any
@@ -338,6 +339,23 @@ def test_offline_to_online(tmp_path, dataset, fakes, balanced):
     exploration = _csv(tmp_path / "run" / "exploration.csv")
     assert exploration and all(float(r["exploration/length"]) <= EPISODE_LENGTH for r in exploration)
     assert Checkpointer(str(tmp_path / "run" / "checkpoints")).all_steps() == [25, 50]
+
+
+def test_agent_online_config_rules_the_online_phase_only(tmp_path, dataset, fakes):
+    """An agent's `online_config` (GFP's eta_online) takes over when the online phase starts: here it sets lr 0,
+    which freezes the params online, so the offline-to-online run ends where the offline-only run ends."""
+    switching = types.ModuleType("switching_agent")
+    switching.__dict__.update({k: v for k, v in globals().items() if not k.startswith("__")})
+    switching.online_config = lambda c: dataclasses.replace(c, lr=0.0)
+    offline = Trainer(switching, config(tmp_path, dataset, run_dir=str(tmp_path / "a"), steps=10, eval_episodes=0))
+    offline.run()
+    o2o = Trainer(switching, config(tmp_path, dataset, run_dir=str(tmp_path / "b"), steps=10, online_steps=12,
+                                    eval_episodes=0))
+    o2o.run()
+    assert np.all(np.asarray(o2o.carry.agent.step) == 22) and o2o.carry.agent.config.lr == 0.0
+    assert_trees_equal(offline.carry.agent.params, o2o.carry.agent.params)
+    record = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert record["agent_config"]["lr"] == 0.05 and record["agent_config_online"]["lr"] == 0.0
 
 
 def test_online_from_scratch_with_warmup(tmp_path, fakes):

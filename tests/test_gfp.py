@@ -276,12 +276,19 @@ def test_correct_target_is_the_default():
         ({"guidance_fn": "exp"}, "field guidance_fn is 'exp'"),
         ({"flow_steps": 0}, "flow_steps is 0"),
         ({"eta": -1.0}, "eta is -1.0"),
+        ({"eta_online": -1.0}, "eta_online is -1.0"),
         ({"time_embedding_dim": 1}, "time_embedding_dim is 1"),
     ],
 )
 def test_bad_config_raises_one_clear_error(changes, fragment):
     with pytest.raises(FluxrlError, match=fragment):
         gfp.init(jax.random.key(0), random_batch(4), tiny_config(**changes))
+
+
+def test_online_phase_switches_eta_like_the_official_agent():
+    config = tiny_config(eta=0.1)
+    assert gfp.online_config(config) == config  # eta_online None: the official default keeps eta
+    assert gfp.online_config(dataclasses.replace(config, eta_online=0.01)).eta == 0.01
 
 
 # --- CLI end to end -----------------------------------------------------------------------------------------

@@ -26,8 +26,8 @@ Deviation (documented in docs/gfp.md): in the TD target the official code sample
 (`target_use_next=False` in its config), then evaluates it at s'. The default here is the correct form, the flow
 action at s' (`target_flow_at_next=True`); `target_flow_at_next=False` reproduces the official quirk. It only
 matters when target_agg is not "actor" (cube, humanoidmaze-medium and visual-cube tasks use "mean").
-Not implemented: the official `eta_temperature_online` switch (a different eta for the online phase; the engine
-has no phase hook for it: pass --agent.eta for an online run), pixel encoders.
+`eta_online` is the official `eta_temperature_online`: the eta of the online phase of an offline-to-online run
+(None: keep eta), applied by the engine through `online_config`. Not implemented: pixel encoders.
 Gradient routing is explicit (stop_gradient on the target critic, on the frozen online critic in L_q, on the
 actor and VaBC actions inside the TD target, on the distillation target and on the guidance weights).
 """
@@ -76,6 +76,7 @@ class Config:
     actor_layer_norm: bool = False
     alpha: float = 1.0  # distillation weight; tuned per task (TASK_VALUES)
     eta: float = 1e-3  # guidance temperature (official `eta_temperature`); 0 = plain BC; tuned per task
+    eta_online: float | None = None  # eta of the online phase (official `eta_temperature_online`); None: eta
     q_agg: str = "mean"  # aggregation of the two critics: "mean" or "min"
     target_agg: str = "actor"  # which next action(s) the TD target uses: actor | vabc | min | mean | max
     guidance_agg: str = "actor"  # which action(s) give Q_ref: actor | vabc | min | mean | max
@@ -198,6 +199,11 @@ def for_task(config: Config, task_name: str | None, preset: str) -> Config:
     return with_task_values(config, task_name, table)
 
 
+def online_config(config: Config) -> Config:
+    """The config of the online phase: the official agent switches eta to eta_temperature_online there."""
+    return config if config.eta_online is None else dataclasses.replace(config, eta=config.eta_online)
+
+
 BATCH_SPEC = BatchSpec(keys=("observations", "actions", "rewards", "masks", "next_observations"))
 
 
@@ -212,8 +218,10 @@ def _validate(config: Config) -> None:
             raise FluxrlError(f"gfp config field {field} is '{value}'; it must be one of {', '.join(allowed)}.")
     if config.flow_steps < 1:
         raise FluxrlError(f"gfp config field flow_steps is {config.flow_steps}; it must be at least 1.")
-    if config.eta < 0:
-        raise FluxrlError(f"gfp config field eta is {config.eta}; it must be >= 0 (0 turns the guidance off).")
+    for field in ("eta", "eta_online"):
+        value = getattr(config, field)
+        if value is not None and value < 0:
+            raise FluxrlError(f"gfp config field {field} is {value}; it must be >= 0 (0 turns the guidance off).")
     if config.time_embedding_dim < 2:
         raise FluxrlError(f"gfp config field time_embedding_dim is {config.time_embedding_dim}; it must be >= 2.")
 

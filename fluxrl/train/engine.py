@@ -226,6 +226,9 @@ class Trainer:
         self.cfg = config
         self.agent_config = agent_config if agent_config is not None else preset_config(
             self.agent, config.preset, config.task, online=config.online_steps > 0)
+        switch = getattr(self.agent, "online_config", None)
+        online_agent_config = switch(self.agent_config) if switch and config.online_steps > 0 else None
+        self.online_agent_config = online_agent_config if online_agent_config != self.agent_config else None
         self.seeds = [config.seed + i for i in range(config.seeds)]
         self.total_steps = config.steps + config.online_steps
         spec = self.agent.BATCH_SPEC
@@ -256,6 +259,7 @@ class Trainer:
             "agent": self.agent_spec,
             "train": to_jsonable(self.cfg),
             "agent_config": to_jsonable(self.agent_config),
+            **({"agent_config_online": to_jsonable(self.online_agent_config)} if self.online_agent_config else {}),
         }
 
     def _check_run_dir(self) -> bool:
@@ -658,6 +662,8 @@ class Trainer:
 
     def _online_phase(self) -> None:
         cfg, host = self.cfg, self.host
+        if self.online_agent_config is not None:  # the agent's own online-phase values (e.g. GFP's eta_online)
+            self.carry = self.carry.replace(agent=self.carry.agent.replace(config=self.online_agent_config))
         dtype = self.carry.buffer.data["observations"].dtype
         observations = [np.asarray(o, dtype) for o in self._restore_envs()]
         if self.step == cfg.steps:

@@ -112,7 +112,9 @@ def export_policy(run_dir: str, seed: int | None = None, out: str | None = None,
     policy = {
         "format": FORMAT_VERSION,
         "agent": record["agent"],
-        "agent_config": record["agent_config"],
+        # the config of the phase the checkpoint ends in (an agent may switch values online: `online_config`)
+        "agent_config": record.get("agent_config_online") if step > train.steps and record.get(
+            "agent_config_online") else record["agent_config"],
         "example_batch": meta["example_batch"],
         "obs_norm": meta.get("obs_norm"),  # applied to raw observations before act (None: none)
         "task": train.task,
