@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(BIN)/fluxrl demo --out demo_out
 
 test: $(STAMP)
-	MUJOCO_GL=$${MUJOCO_GL:-osmesa} $(BIN)/python -m pytest -n 2 -q
+	MUJOCO_GL=$${MUJOCO_GL:-osmesa} $(BIN)/python -m pytest -n 2 -q --durations=20
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -543,8 +543,36 @@ def pretrain_update(state: State, batch, key):
     return apply_step(state, lambda p: pretrain_total_loss(p, state, batch, key))
 
 
+def intention_effect(state: State, batch, key) -> dict:
+    """Does the occupancy model use its intentions? Future states s_f ~ q(. | s, a, z) from the same noise with
+    each row's own z ~ p_e(z | s', a') and with another row's: z_effect = mean ||s_f(z) - s_f(z_other)||²,
+    relative to noise_effect = mean ||s_f(z) - s_f(z)'||² under fresh noise. A ratio near 0 means the model (and
+    so every Q_z estimate) ignores z: InFOM then behaves like FOM. Validation metric only (not in the update)."""
+    params, config = state.params, state.config
+    latent_key, noise_key, other_noise_key = jax.random.split(key, 3)
+    obs, actions = batch["observations"], batch["actions"]
+    latents = encode(params["intention_encoder"], batch["next_observations"], batch["next_actions"],
+                     config).sample(latent_key)
+    noises = jax.random.normal(noise_key, obs.shape, obs.dtype)
+
+    def samples(z, eps):
+        return flow_samples(params["vf"], condition(obs, actions, z), eps, state)
+
+    own = samples(latents, noises)
+    z_effect = jnp.mean(jnp.sum((own - samples(jnp.roll(latents, 1, axis=0), noises)) ** 2, axis=-1))
+    noise_effect = jnp.mean(jnp.sum(
+        (own - samples(latents, jax.random.normal(other_noise_key, obs.shape, obs.dtype))) ** 2, axis=-1))
+    return {"flow_occupancy/z_effect": z_effect, "flow_occupancy/z_to_noise_effect": z_effect / noise_effect}
+
+
+def with_intention_effect(metrics: dict, state: State, batch, key) -> dict:
+    if not has_intentions(state.params):
+        return metrics
+    return metrics | intention_effect(state, batch, jax.random.fold_in(key, 1))
+
+
 def pretrain_loss_metrics(state: State, batch, key):
-    return pretrain_total_loss(state.params, state, batch, key)[1]
+    return with_intention_effect(pretrain_total_loss(state.params, state, batch, key)[1], state, batch, key)
 
 
 def finetune_update(state: State, batch, key, total_loss_fn):
@@ -556,7 +584,7 @@ def update(state: State, batch, key):
 
 
 def loss_metrics(state: State, batch, key):
-    return total_loss(state.params, state, batch, key)[1]
+    return with_intention_effect(total_loss(state.params, state, batch, key)[1], state, batch, key)
 
 
 def begin_finetune(state: State) -> State:

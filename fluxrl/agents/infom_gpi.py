@@ -80,4 +80,4 @@ def update(state: State, batch, key):
 
 
 def loss_metrics(state: State, batch, key):
-    return total_loss(state.params, state, batch, key)[1]
+    return infom.with_intention_effect(total_loss(state.params, state, batch, key)[1], state, batch, key)
