@@ -457,7 +457,7 @@ def test_registered_agent_offline_to_online_export_and_load(name, tmp_path, data
     """Every registered agent (tiny networks) through the engine: offline, online, checkpoint, export, load."""
     from fluxrl.train import export_policy, load_policy
     from fluxrl.train.config import preset_config, resolve_agent
-    from fluxrl.train.engine import make_act
+    from fluxrl.train.engine import agent_batch_spec, make_act
 
     agent = resolve_agent(name)
     agent_config = preset_config(agent, "cpu", TASK)
@@ -467,7 +467,7 @@ def test_registered_agent_offline_to_online_export_and_load(name, tmp_path, data
     agent_config = dataclasses.replace(agent_config, batch_size=16, **tiny_nets)
     # Agents reading fields an online replay cannot give (InFOM's next_actions) train offline only.
     try:
-        check_online_fields(tuple(agent.BATCH_SPEC.keys))
+        check_online_fields(tuple(agent_batch_spec(agent, agent_config).keys))  # QAM's chunks: offline only
         online_steps = 5
     except FluxrlError:
         online_steps = 0

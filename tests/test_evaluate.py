@@ -1,4 +1,5 @@
-"""evaluate(): exact returns/successes/lengths on a toy env, determinism under a seed, the JAX adapter, videos."""
+"""evaluate(): exact returns/successes/lengths on a toy env, action chunks executed open loop, determinism under a
+seed, the JAX adapter, videos."""
 
 import ctypes.util
 import os
@@ -65,6 +66,57 @@ def test_exact_statistics():
     assert d["episodes"] == 6 and d["success_rate"] == 1.0 and "success 1.00" in result.summary()
 
 
+class Recording(Countdown):
+    """Countdown that records every action it executes (the episode's steps)."""
+
+    executed: list = []
+
+    def step(self, action):
+        Recording.executed.append(float(np.asarray(action)[0]))
+        return super().step(action)
+
+
+def test_chunks_run_open_loop_and_stop_at_the_episode_end():
+    """A policy returning (3, 1) chunks [+1, -1, +1]: each chunk is executed row by row without querying the
+    policy, the policy is asked again at the observation after the chunk, and the episode ends mid-chunk exactly
+    when the count reaches 0 (no step after it: the length is the number of executed actions)."""
+    chunk = np.array([[1.0], [-1.0], [1.0]])
+    queried = []
+
+    def policy(obs, rng):
+        queried.append(int(obs[0]))
+        return chunk
+
+    Recording.executed = []
+    result = evaluate(lambda render_size=None: Recording(), policy, episodes=5, seed=3)
+    n = starts(3, 5)
+    for k, start in enumerate(n):
+        # Each chunk counts down by 2 in 3 steps; the last chunk stops after its first row (count 1) or its
+        # third (count 2).
+        chunks = (start + 1) // 2
+        length = 3 * (chunks - 1) + (1 if start % 2 else 3)
+        assert result.lengths[k] == length and result.returns[k] == start and result.successes[k] == 1.0, (k, start)
+    assert len(Recording.executed) == sum(result.lengths)
+    expected_actions = [a for length in result.lengths for a in np.resize(chunk[:, 0], length)]
+    assert Recording.executed == expected_actions
+    # Queried at the start and after every 3 steps: the count falls by 2 between queries.
+    expected_queries = [c for start in n for c in range(start, 0, -2)]
+    assert queried == expected_queries
+    # max_steps cuts inside a chunk too.
+    capped = evaluate(countdown, lambda obs, rng: np.ones((3, 1)), episodes=2, seed=3, max_steps=4)
+    assert capped.lengths == [min(4, x) for x in n[:2]]
+
+
+def test_chunks_through_the_jax_adapter():
+    """A batched actor returning (B, H, action_dim) becomes a policy returning (H, action_dim) chunks."""
+    import jax.numpy as jnp
+
+    policy = jax_policy(lambda observations, key: jnp.ones((observations.shape[0], 4, 1)))
+    assert np.asarray(policy(np.zeros(1, np.float32), np.random.default_rng(0))).shape == (4, 1)
+    result = evaluate(countdown, policy, episodes=3, seed=0)
+    assert result.lengths == starts(0, 3) and result.success_rate == 1.0
+
+
 def random_policy(obs, rng):
     return rng.uniform(-1, 1, size=1)
 
@@ -118,6 +170,10 @@ def test_bad_arguments():
         evaluate(countdown, random_policy, episodes=1, video_path="out.avi")
     with pytest.raises(FluxrlError, match="max_steps"):
         evaluate(countdown, random_policy, episodes=1, max_steps=0)
+    with pytest.raises(FluxrlError, match=r"shape \(1, 3, 1\)"):
+        evaluate(countdown, lambda obs, rng: np.ones((1, 3, 1)), episodes=1)
+    with pytest.raises(FluxrlError, match="H >= 1"):
+        evaluate(countdown, lambda obs, rng: np.ones((0, 1)), episodes=1)
 
 
 def test_compose_layouts():

@@ -1,6 +1,7 @@
 """QAM against closed forms: the adjoint-matching fixed point for a Gaussian behaviour and a linear or quadratic
 critic (exact discrete answer and continuous tilt), the agent's own networks reaching the tilt, gradient routing,
-the pessimistic TD target, targets, gradient clipping, presets, and a CLI run end to end."""
+the pessimistic TD target (also over action chunks), targets, gradient clipping, presets, and a chunked CLI run
+end to end (evaluation, export, load_policy)."""
 
 import dataclasses
 import json
@@ -18,8 +19,9 @@ from fluxrl import agents
 from fluxrl.agents import base, qam
 from fluxrl.cli_train import main
 from fluxrl.data.dataset import save_npz
+from fluxrl.data.sampler import Sampler
 from fluxrl.errors import FluxrlError
-from fluxrl.train import external
+from fluxrl.train import TrainConfig, Trainer, external, export_policy, load_policy
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_engine as tiny  # noqa: E402
@@ -324,6 +326,148 @@ def test_td_target_is_the_pessimistic_ensemble_mean(sparse):
     assert float(loss) == pytest.approx(float(np.mean((q - y) ** 2)), rel=1e-5)
 
 
+# --- action chunks (Q-chunking) -----------------------------------------------------------------------------
+
+EPISODE_ENDS = (3, 5, 10, 11)  # last rows of four episodes (lengths 4, 2, 5, 1)
+
+
+def chunk_dataset(seed=0):
+    """12 rows in 4 episodes; observations[:, 0] is the row index, so a sampled row can be found again; a mask of
+    0 mid-episode (row 7) and at an episode end (row 5); zero rewards for the sparse transformation."""
+    rng = np.random.default_rng(seed)
+    n = EPISODE_ENDS[-1] + 1
+    observations = rng.normal(size=(n, 4)).astype(np.float32)
+    observations[:, 0] = np.arange(n)
+    terminals = np.isin(np.arange(n), EPISODE_ENDS).astype(np.float32)
+    masks = np.ones(n, np.float32)
+    masks[[5, 7]] = 0.0
+    rewards = rng.normal(size=n).astype(np.float32)
+    rewards[[1, 6, 9]] = 0.0
+    return {"observations": observations, "actions": rng.uniform(-0.9, 0.9, (n, 2)).astype(np.float32),
+            "rewards": rewards, "masks": masks, "terminals": terminals,
+            "next_observations": rng.normal(size=(n, 4)).astype(np.float32)}
+
+
+def hand_chunk_targets(data, rows, h, discount, sparse):
+    """The official sample_sequence quantities, walked row by row through the dataset: the reward sum
+    sum_k gamma^k r_{i+k} over the steps inside the episode, the minimum of their masks, the observation after the
+    last of them, the flattened chunk (steps past the end repeat the last row) and valid = the whole chunk is inside."""
+    rewards = -(data["rewards"] != 0).astype(np.float64) if sparse else data["rewards"].astype(np.float64)
+    out = {"rewards": [], "masks": [], "next_observations": [], "actions": [], "valid": []}
+    for i in rows:
+        last = min(e for e in EPISODE_ENDS if e >= i)
+        inside = [i + k for k in range(h) if i + k <= last]
+        out["rewards"].append(sum(discount**k * rewards[i + k] for k in range(len(inside))))
+        out["masks"].append(min(data["masks"][j] for j in inside))
+        out["next_observations"].append(data["next_observations"][inside[-1]])
+        out["actions"].append(np.concatenate([data["actions"][min(i + k, last)] for k in range(h)]))
+        out["valid"].append(float(len(inside) == h))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+@pytest.fixture(scope="module")
+def chunked():
+    """(dataset, a sampler batch of 64 chunks of 3 steps from it, a chunk-3 agent): shared, init is slow eagerly."""
+    config = small_config(chunk_size=3)
+    data = chunk_dataset()
+    batch = Sampler.create(data).sample(jax.random.key(3), 64, qam.batch_spec(config).keys, chunk_size=3)
+    return data, batch, qam.init(jax.random.key(0), batch, config)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_chunk_td_target_by_hand(chunked, sparse):
+    """H = 3 on sampler batches: L_Q = mean_{i, batch} valid (Q_i(s, a_{0:3}) - y)², y = sum_{k<3} gamma^k r_k +
+    gamma^3 mask Qbar'(s_after, a'), with every quantity recomputed from the dataset rows and the networks' outputs.
+    The batch holds chunks that run past their episode's end (valid 0), chunks over a mid-episode mask of 0, and
+    sparse rewards. A discount of gamma instead of gamma^3, an unweighted loss, or the last step's mask instead of
+    the minimum each change the loss by more than 1%."""
+    h, gamma = 3, 0.8
+    config = small_config(chunk_size=h, discount=gamma, sparse_rewards=sparse)
+    data, batch, state = chunked
+    assert state.action_dim == 2 and batch["actions_chunk"].shape == (64, h, 2)
+    target = jax.tree_util.tree_map(lambda x: x + 0.3, state.params["critic"])
+    key = jax.random.key(1)
+    loss, _ = qam.critic_loss(state.params["critic"], target, state.params["actor_fast"], batch, key, config)
+
+    rows = np.asarray(batch["observations"][:, 0]).astype(int)
+    hand = hand_chunk_targets(data, rows, h, gamma, sparse)
+    valid = hand["valid"]
+    last_masks = data["masks"][[min(i + h - 1, min(e for e in EPISODE_ENDS if e >= i)) for i in rows]]
+    assert 0 < valid.sum() < len(rows) and (hand["masks"][valid > 0] == 0).any()
+    assert (hand["masks"] != last_masks).any()  # the minimum over the chunk matters somewhere
+    # The official per-row quantities themselves, also for the chunks that run past their episode's end.
+    for name, value in zip(("actions", "rewards", "masks", "next_observations", "valid"),
+                           qam.chunk_terms(batch, config)):
+        np.testing.assert_allclose(np.asarray(value), hand[name], rtol=1e-6, atol=1e-6, err_msg=name)
+    next_obs = jnp.asarray(hand["next_observations"], jnp.float32)
+    noises = jax.random.normal(key, (64, h * 2))  # critic_loss draws z' over the flattened chunk from its key
+    next_actions = qam.sample_flow(state.params["actor_fast"], next_obs, noises, config)
+    next_qs = np.asarray(qam.critic_values(target, next_obs, next_actions, config), np.float64)
+    bootstrap = next_qs.mean(0) - config.rho * next_qs.std(0)
+    q = np.asarray(qam.critic_values(state.params["critic"], batch["observations"],
+                                     jnp.asarray(hand["actions"], jnp.float32), config), np.float64)
+
+    def td_loss(discount_h, masks, weights):
+        return float(np.mean(weights * (q - (hand["rewards"] + discount_h * masks * bootstrap)) ** 2))
+
+    right = td_loss(gamma**h, hand["masks"], valid)
+    assert float(loss) == pytest.approx(right, rel=1e-5)
+    for wrong in (td_loss(gamma, hand["masks"], valid), td_loss(gamma**h, hand["masks"], 1.0),
+                  td_loss(gamma**h, last_masks, valid)):
+        assert abs(wrong - right) > 0.01 * right
+
+
+def test_chunk_bc_loss_weights_by_valid_and_act_returns_chunks(chunked):
+    """L_BC over flattened chunks counts only the chunks inside their episode (official valid[..., -1]);
+    act returns (batch, H, action_dim): the flattened Euler sample, row k = actions k*d .. (k+1)*d."""
+    h = 3
+    _, batch, state = chunked
+    config = state.config
+    key = jax.random.key(2)
+    _, metrics = qam.actor_loss(state.params["actor_slow"], state.params["actor_fast"],
+                                lambda s, x, t: jnp.zeros_like(x), lambda s, a: jnp.zeros(a.shape[:-1]), batch, key,
+                                dataclasses.replace(config, flow_steps=2))  # a cheap adjoint: only L_BC is checked
+    bc_key = jax.random.split(key)[0]
+    flat = batch["actions_chunk"].reshape(64, h * 2)
+    errors = np.asarray(qam.flow_matching_errors(
+        lambda s, x, t: qam.flow_velocity(state.params["actor_slow"], s, x, t, config),
+        batch["observations"], flat, bc_key), np.float64)
+    valid = np.asarray(batch["valid_chunk"][:, -1])
+    assert float(metrics["bc_flow_loss"]) == pytest.approx(np.mean(valid * errors), rel=1e-5)
+    assert abs(np.mean(errors) - np.mean(valid * errors)) > 0.01 * np.mean(errors)
+
+    obs = batch["observations"][:5]
+    chunks = qam.act(state, obs, jax.random.key(4))
+    z = jax.random.normal(jax.random.key(4), (5, h * 2))
+    np.testing.assert_array_equal(chunks, qam.sample_flow(state.params["actor_fast"], obs, z, config).reshape(5, h, 2))
+    assert qam.act(state, obs[0], jax.random.key(4), deterministic=True).shape == (h, 2)
+
+
+def test_chunked_init_needs_the_chunk_field():
+    config = small_config(chunk_size=3)
+    with pytest.raises(FluxrlError, match="actions_chunk' shaped \\(batch, 3, action_dim\\); got None"):
+        qam.init(jax.random.key(0), random_batch(), config)
+    assert qam.batch_spec(small_config()) is qam.BATCH_SPEC  # chunk 1: the plain transitions, no chunk_size option
+    spec = qam.batch_spec(config)
+    assert spec.chunk_size == 3 and "valid_chunk" in spec.keys and "actions" not in spec.keys
+
+
+def test_engine_refuses_online_training_with_chunks(tmp_path):
+    """Online steps execute one action per step: a chunked QAM (the cube task's default H = 5, or an explicit
+    chunk_size) is refused in the Trainer's constructor; chunk_size 1 is accepted."""
+    dataset = str(tmp_path / "data.npz")
+    save_npz(dataset, tiny.synthetic_data(4, seed=0))
+    cfg = TrainConfig(task=tiny.TASK, dataset=dataset, steps=2, online_steps=3, run_dir=str(tmp_path / "run"))
+    assert agents.make_config("qam", "cpu", tiny.TASK).chunk_size == 5
+    with pytest.raises(FluxrlError, match="--agent.chunk_size 1"):
+        Trainer("qam", cfg)
+    with pytest.raises(FluxrlError, match="offline only"):
+        Trainer("qam", cfg, small_config(chunk_size=2))
+    assert Trainer("qam", cfg, small_config()).fields == qam.BATCH_SPEC.keys
+    offline = Trainer("qam", dataclasses.replace(cfg, online_steps=0), small_config(chunk_size=2))
+    assert offline.fields == qam.CHUNK_KEYS and ("chunk_size", 2) in offline.sample_options
+
+
 def max_diff(a, b):
     return max(float(np.abs(x - y).max()) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
@@ -377,7 +521,8 @@ def test_acting_uses_the_base_flow_when_inv_temp_is_zero():
 # --- config, presets, per-task values ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field, value", [("flow_steps", 0), ("num_critics", 1), ("inv_temp", -1.0)])
+@pytest.mark.parametrize("field, value", [("flow_steps", 0), ("num_critics", 1), ("inv_temp", -1.0),
+                                          ("chunk_size", 0)])
 def test_bad_config_is_one_sentence(field, value):
     config = dataclasses.replace(small_config(), **{field: value})
     with pytest.raises(FluxrlError, match=f"qam config field {field}"):
@@ -388,19 +533,28 @@ def test_paper_defaults_and_per_domain_values():
     paper = qam.PRESETS["paper"]
     assert (paper.num_critics, paper.rho, paper.inv_temp, paper.flow_steps) == (10, 0.5, 0.3, 10)
     assert paper.target_actor and paper.use_target_grad and paper.clip_adj and paper.clip_grad
-    assert not paper.sparse_rewards
+    assert not paper.sparse_rewards and paper.chunk_size == 1
+    # Chunks of 5 on every cube / scene / puzzle task, 1 on locomotion and navigation.
     cases = {
-        "puzzle-3x3-play-singletask-task1": {"inv_temp": 3.0, "sparse_rewards": True, "discount": 0.99},
-        "puzzle-4x4-play-singletask-task4": {"inv_temp": 30.0, "sparse_rewards": True},
-        "scene-play-singletask-task2": {"inv_temp": 1.0, "sparse_rewards": True},
-        "cube-double-play-singletask-task1": {"inv_temp": 1.0, "sparse_rewards": False},
-        "cube-triple-play-singletask-task2": {"inv_temp": 3.0},
-        "cube-quadruple-play-singletask-task1": {"inv_temp": 1.0},
-        "antmaze-large-navigate-singletask-task1": {"inv_temp": 10.0, "discount": 0.99, "rho": 0.5},
-        "antmaze-giant-navigate-singletask-task1": {"inv_temp": 3.0, "discount": 0.995, "rho": 0.5},
-        "humanoidmaze-medium-navigate-singletask-task1": {"inv_temp": 3.0, "discount": 0.995, "rho": 0.0},
-        "humanoidmaze-large-navigate-singletask-task1": {"inv_temp": 3.0, "discount": 0.995, "rho": 0.0},
-        "cube-single-play-singletask-task1": {"inv_temp": 0.3, "discount": 0.99},  # not in the paper: defaults
+        "puzzle-3x3-play-singletask-task1": {"inv_temp": 3.0, "sparse_rewards": True, "discount": 0.99,
+                                             "chunk_size": 5},
+        "puzzle-4x4-play-singletask-task4": {"inv_temp": 30.0, "sparse_rewards": True, "chunk_size": 5},
+        "scene-play-singletask-task2": {"inv_temp": 1.0, "sparse_rewards": True, "chunk_size": 5},
+        "cube-double-play-singletask-task1": {"inv_temp": 1.0, "sparse_rewards": False, "chunk_size": 5},
+        "cube-triple-play-singletask-task2": {"inv_temp": 3.0, "chunk_size": 5},
+        "cube-quadruple-play-singletask-task1": {"inv_temp": 1.0, "chunk_size": 5},
+        "antmaze-large-navigate-singletask-task1": {"inv_temp": 10.0, "discount": 0.99, "rho": 0.5, "chunk_size": 1},
+        "antmaze-giant-navigate-singletask-task1": {"inv_temp": 3.0, "discount": 0.995, "rho": 0.5, "chunk_size": 1},
+        "humanoidmaze-medium-navigate-singletask-task1": {"inv_temp": 3.0, "discount": 0.995, "rho": 0.0,
+                                                          "chunk_size": 1},
+        "humanoidmaze-large-navigate-singletask-task1": {"inv_temp": 3.0, "discount": 0.995, "rho": 0.0,
+                                                         "chunk_size": 1},
+        # Not in the paper: the defaults, with the domain's chunk length.
+        "cube-single-play-singletask-task1": {"inv_temp": 0.3, "discount": 0.99, "chunk_size": 5},
+        "puzzle-4x5-play-singletask-task1": {"inv_temp": 0.3, "sparse_rewards": False, "chunk_size": 5},
+        "scene-noisy-singletask-task1": {"chunk_size": 5},
+        "pointmaze-medium-navigate-singletask-task1": {"inv_temp": 0.3, "chunk_size": 1},
+        "antsoccer-arena-navigate-singletask-task1": {"chunk_size": 1},
     }
     for preset in ("paper", "cpu"):
         for task, expected in cases.items():
@@ -411,23 +565,35 @@ def test_paper_defaults_and_per_domain_values():
 # --- the CLI end to end ------------------------------------------------------------------------------------
 
 
-def test_cli_train(tmp_path, monkeypatch):
-    """`fluxrl train qam` on the engine tests' tiny env and dataset: 2 seeds, logging, evaluation, checkpoint."""
+def test_cli_train_with_chunks_evaluate_export_and_load(tmp_path, monkeypatch):
+    """`fluxrl train qam --agent.chunk_size 3` on the engine tests' tiny env and dataset: 2 seeds, chunk batches
+    from the sampler, logging, evaluation executing the chunks (episodes of at most 8 steps: a run past the end
+    would reach 9), checkpoint; then export and load_policy, whose policy returns (3, action_dim) per observation."""
     monkeypatch.setattr(external, "make_env", tiny.fake_make_env)
     dataset = str(tmp_path / "data.npz")  # no -val split: one compilation fewer
     save_npz(dataset, tiny.synthetic_data(20, seed=0))
     run = tmp_path / "run"
     argv = ["train", "qam", "--task", tiny.TASK, "--dataset", dataset, "--steps", "6", "--seeds", "2",
             "--preset", "cpu", "--run_dir", str(run), "--updates_per_call", "3", "--log_interval", "3",
-            "--eval_interval", "6", "--eval_episodes", "1", "--save_interval", "6", "--quiet",
+            "--eval_interval", "6", "--eval_episodes", "2", "--save_interval", "6", "--quiet",
             "--agent.actor_hidden", "16", "16", "--agent.critic_hidden", "16", "16", "--agent.num_critics", "3",
-            "--agent.inv_temp", "2.0"]
+            "--agent.inv_temp", "2.0", "--agent.chunk_size", "3"]
     assert main(argv) == 0
     record = json.loads((run / "config.json").read_text())
     assert record["agent"] == "qam" and record["agent_config"]["inv_temp"] == 2.0
+    assert record["agent_config"]["chunk_size"] == 3
     assert record["agent_config"]["actor_hidden"] == [16, 16] and record["agent_config"]["num_critics"] == 3
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     logged = [line for line in lines if any("adj_loss" in k for k in line)]
     assert logged and all(math.isfinite(v) for line in logged for k, v in line.items() if "loss" in k)
+    evals = [line for line in lines if any(k.startswith("evaluation/") for k in line)]
+    assert evals and all(1 <= line["evaluation/length"] <= tiny.EPISODE_LENGTH for line in evals)
     assert (run / "eval.csv").stat().st_size > 0 and (run / "summary.md").stat().st_size > 0
     assert os.listdir(run / "checkpoints")
+
+    policy = load_policy(export_policy(str(run), seed=1))
+    assert policy.meta["example_batch"]["actions_chunk"][0] == [3, tiny.ACT_DIM]  # the batch spec followed H
+    obs = np.random.default_rng(0).uniform(-1, 1, (4, tiny.OBS_DIM)).astype(np.float32)
+    chunks = np.asarray(policy(obs))
+    assert chunks.shape == (4, 3, tiny.ACT_DIM) and np.all(np.abs(chunks) <= 1)
+    np.testing.assert_allclose(np.asarray(policy(obs[0])), chunks[0], atol=1e-6)

@@ -8,10 +8,16 @@ Networks: critic ensemble Q_i (num_critics = 10, LayerNorm) and its target; base
 trained by flow matching, with an EMA target vbar_beta; fine-tuned flow v_theta(s, x, t), a separate,
 independently initialised network. One Adam over everything, after global-norm gradient clipping at 1.0.
 
+Action chunks (Q-chunking, `chunk_size` H; official: H = 5 on cube, scene and puzzle, 1 elsewhere): the action a
+is the flattened chunk of the next H actions (dimension H * action_dim) and each batch row is an H-step piece of
+one episode (the sampler's *_chunk fields): r = sum_{k<H} gamma^k valid_k r_k, mask = min_k mask_k over the chunk,
+s' = the observation after the chunk's last step in the episode, valid = valid_{H-1} (the chunk does not run past
+its episode's end). H = 1 is the plain transition (valid = 1).
+
 Per batch (x_t = t x_1 + (1 - t) x_0, h = 1 / N, N = flow_steps, t_i = i / N):
   critic     a' = clip(Euler_N(v_theta, s', z')),  Qbar' = mean_i Qbar_i(s', a') - rho * std_i Qbar_i(s', a')
-             y = r + gamma * mask * Qbar',  L_Q = mean_{i, batch} (Q_i(s, a) - y)²
-  base flow  L_BC = mean ||v_beta(s, x_t, t) - (a - x_0)||²  (mean over action dims)
+             y = r + gamma^H * mask * Qbar',  L_Q = mean_{i, batch} valid (Q_i(s, a) - y)²
+  base flow  L_BC = mean_batch valid ||v_beta(s, x_t, t) - (a - x_0)||²  (mean over action dims)
   rollout    memoryless SDE (no gradient), x_0 ~ N(0, I), sigma_i = sqrt(2 (1 - t_i + h) / (t_i + h)):
                x_{i+1} = x_i + h (2 v_theta(s, x_i, t_i) - x_i / (t_i + h)) + sqrt(h) sigma_i eps_i,  i < N - 1
                x_N     = x_{N-1} + h vbar_beta(s, x_{N-1}, t_{N-1})         (last step: ODE with the base)
@@ -23,7 +29,8 @@ Per batch (x_t = t x_1 + (1 - t) x_0, h = 1 / N, N = flow_steps, t_i = i / N):
              i.e. v_theta regresses on vbar_beta - (sigma_i² / 2) atilde_i
   total      L_Q + L_BC + L_AM; clip the global gradient norm to 1; Adam; then the target critic and the target
              base flow move toward their pre-update parameters (polyak tau = 0.005).
-Acting: a = clip(Euler_N(v_theta, s, z)), z ~ N(0, I) (the base flow when inv_temp = 0, as the official code).
+Acting: a = clip(Euler_N(v_theta, s, z)), z ~ N(0, I) (the base flow when inv_temp = 0, as the official code); with
+H > 1 `act` returns the chunk, shaped (batch, H, action_dim), which fluxrl.envs.evaluate executes open loop.
 The official evaluation samples z (EVAL_DETERMINISTIC = False); deterministic=True uses z = 0.
 
 Why the target: with the memoryless schedule sigma(t)² = 2 (1 - t) / t the SDE with drift 2 v - x / t has the
@@ -32,9 +39,10 @@ terminal law pi_beta exp(inv_temp Q) / Z (Domingo-Enrich et al., 2025). tests/te
 the closed form for Gaussian behaviour with linear and quadratic Q.
 
 Deviations from the official code (see docs/qam.md):
-- Action chunks (horizon 5 on manipulation domains in the paper) are not used: the engine executes one action
-  per environment step, so the action is the single step a_t and the TD target is 1-step (the math is the same
-  for a flattened chunk of dimension h * action_dim).
+- Chunks (H > 1) train offline only: the engine refuses online steps with them (the official online phase
+  executes chunks open loop through an action queue). A chunk starts at any dataset row and repeats its episode's
+  last row past the end (the official sampler starts among the first size - H + 1 rows and reads on into the
+  next episode); either way such a chunk has valid = 0 and drops out of L_Q and L_BC.
 - Only plain QAM: the QAM-F (one-step distillation) and QAM-E (edit policy) variants, the `residual`
   parameterisation and best-of-n sampling (default n = 1, a no-op) are not implemented.
 - Gradient routing is explicit (stop_gradient on every rollout quantity, the targets, the frozen critic).
@@ -64,8 +72,9 @@ from fluxrl.agents.base import (
     polyak,
     with_task_values,
 )
-from fluxrl.agents.flow_bc import bc_flow_loss, flow_network, sample_flow
+from fluxrl.agents.flow_bc import flow_network, sample_flow
 from fluxrl.errors import FluxrlError
+from fluxrl.flows.losses import flow_matching_errors
 from fluxrl.nn import Value
 
 NAME = "qam"
@@ -96,6 +105,7 @@ class Config:
     clip_adj: bool = True  # ... taken at the clipped action clip(x_N, -1, 1)
     clip_grad: bool = True  # clip the global gradient norm to 1.0 before Adam
     sparse_rewards: bool = False  # r <- -1[r != 0] (the paper's sparse puzzle and scene tasks)
+    chunk_size: int = 1  # H: actions per policy query, the critic scores the flattened chunk; per domain below
 
 
 PRESETS = {
@@ -105,8 +115,9 @@ PRESETS = {
 
 # experiments/reproduce.py of the official repository (through the research notes): inv_temp per domain,
 # gamma = 0.995 on the giant / humanoid mazes, rho = 0 on humanoidmaze, sparse rewards on puzzle and scene.
-# Keys are dataset names; a task matches the longest key it starts with. Other tasks keep the defaults.
-TASK_VALUES = merge_tables(
+# Keys are dataset names; a task matches the longest key it starts with (that key's values only, so the chunk
+# length is repeated on every key of its domains). Other tasks keep the defaults.
+DOMAIN_VALUES = merge_tables(
     {
         "puzzle-3x3-play": {"inv_temp": 3.0, "sparse_rewards": True},
         "puzzle-4x4-play": {"inv_temp": 30.0, "sparse_rewards": True},
@@ -120,16 +131,36 @@ TASK_VALUES = merge_tables(
         "humanoidmaze-large-navigate": {"inv_temp": 3.0, "discount": 0.995, "rho": 0.0},
     },
 )
+# Q-chunking: horizon 5 on the manipulation domains, 1 (the default) on locomotion and navigation.
+CHUNKED_DOMAINS, CHUNK_HORIZON = ("cube", "scene", "puzzle"), 5
+TASK_VALUES = merge_tables(
+    DOMAIN_VALUES,
+    {key: {"chunk_size": CHUNK_HORIZON}
+     for key in (*CHUNKED_DOMAINS, *DOMAIN_VALUES) if key.split("-")[0] in CHUNKED_DOMAINS},
+)
 
 
 def for_task(config: Config, task_name: str | None, preset: str) -> Config:
-    """The paper's per-domain inv_temp / discount / rho / sparse rewards; they depend on the task's reward scale
-    and horizon, not on network size, so the cpu preset gets them too."""
+    """The paper's per-domain inv_temp / discount / rho / sparse rewards / chunk length; they depend on the task's
+    reward scale and horizon, not on network size, so the cpu preset gets them too."""
     check_preset(PRESETS, preset)
     return with_task_values(config, task_name, TASK_VALUES)
 
 
-BATCH_SPEC = BatchSpec(keys=("observations", "actions", "rewards", "masks", "next_observations"))
+@dataclasses.dataclass(frozen=True)
+class ChunkBatchSpec(BatchSpec):
+    """A batch spec with the chunk length the sampler gives its *_chunk fields (the engine passes it on)."""
+
+    chunk_size: int = 1
+
+
+BATCH_SPEC = BatchSpec(keys=("observations", "actions", "rewards", "masks", "next_observations"))  # chunk_size = 1
+CHUNK_KEYS = ("observations", "actions_chunk", "rewards_chunk", "masks_chunk", "valid_chunk", "next_observations_chunk")
+
+
+def batch_spec(config: Config) -> BatchSpec:
+    """The fields update() reads under `config`: single transitions (BATCH_SPEC) or chunks of chunk_size steps."""
+    return BATCH_SPEC if config.chunk_size == 1 else ChunkBatchSpec(keys=CHUNK_KEYS, chunk_size=config.chunk_size)
 
 
 def _validate(config: Config) -> None:
@@ -139,6 +170,8 @@ def _validate(config: Config) -> None:
         raise FluxrlError(f"qam config field num_critics is {config.num_critics}; the ensemble needs at least 2.")
     if config.inv_temp < 0:
         raise FluxrlError(f"qam config field inv_temp is {config.inv_temp}; it must not be negative.")
+    if config.chunk_size < 1:
+        raise FluxrlError(f"qam config field chunk_size is {config.chunk_size}; it must be at least 1.")
 
 
 def _critic(config: Config) -> Value:
@@ -150,9 +183,24 @@ def _optimizer(config: Config) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(1.0), adam) if config.clip_grad else adam
 
 
+def _flat_example(example_batch: dict, config: Config) -> dict:
+    """The example batch with chunk_size > 1: its observations and its chunks flattened into actions."""
+    if config.chunk_size == 1:
+        return example_batch
+    chunk = example_batch.get("actions_chunk")
+    if chunk is None or chunk.ndim != 3 or chunk.shape[1] != config.chunk_size:
+        raise FluxrlError(f"qam config field chunk_size is {config.chunk_size}, so the example batch needs "
+                          f"'actions_chunk' shaped (batch, {config.chunk_size}, action_dim); got "
+                          f"{None if chunk is None else tuple(chunk.shape)}.")
+    flat = {k: v for k, v in example_batch.items() if k == "observations"}
+    return flat | {"actions": jnp.reshape(chunk, (chunk.shape[0], -1))}
+
+
 def init(key: jax.Array, example_batch: dict, config: Config) -> AgentState:
+    """State for `config`; with chunk_size H > 1 the networks take flattened chunks (H * action_dim) and
+    state.action_dim is the per-step dimension."""
     _validate(config)
-    obs, actions, action_dim = example_dims(example_batch)
+    obs, actions, flat_dim = example_dims(_flat_example(example_batch, config))
     critic_key, slow_key, fast_key = jax.random.split(key, 3)
     times = actions[:, :1]
     params = {
@@ -167,7 +215,7 @@ def init(key: jax.Array, example_batch: dict, config: Config) -> AgentState:
         opt_state=_optimizer(config).init(params),
         step=jnp.zeros((), jnp.int32),
         config=config,
-        action_dim=action_dim,
+        action_dim=flat_dim // config.chunk_size,
     )
 
 
@@ -192,17 +240,43 @@ def sigmas(times: jax.Array, config: Config) -> jax.Array:
     return jnp.sqrt(2.0 * (1.0 - times + h) / (times + h))
 
 
+def _rewards(rewards, config: Config):
+    return -(rewards != 0).astype(jnp.float32) if config.sparse_rewards else rewards
+
+
+def chunk_terms(batch, config: Config):
+    """(actions, rewards, masks, next_observations, valid) of a batch, as the official sample_sequence forms them.
+
+    H = chunk_size = 1: the transition itself (rewards after the sparse transformation), valid None (all valid).
+    H > 1, from the *_chunk fields (step k of the chunk; steps past the episode's end repeat its last row and
+    have valid_k = 0): actions = the flattened chunk (batch, H * action_dim); rewards = sum_k gamma^k valid_k r_k;
+    masks = min_k mask_k (the repeated rows are the last valid one, so this is the minimum over valid steps);
+    next_observations = the observation after the last valid step; valid = valid_{H-1}."""
+    if config.chunk_size == 1:
+        return batch["actions"], _rewards(batch["rewards"], config), batch["masks"], batch["next_observations"], None
+    chunk, valid = batch["actions_chunk"], batch["valid_chunk"]
+    discounts = config.discount ** jnp.arange(config.chunk_size, dtype=jnp.float32)
+    rewards = jnp.sum(_rewards(batch["rewards_chunk"], config) * valid * discounts, axis=-1)
+    actions = jnp.reshape(chunk, (*chunk.shape[:-2], -1))
+    return (actions, rewards, jnp.min(batch["masks_chunk"], axis=-1), batch["next_observations_chunk"][..., -1, :],
+            valid[..., -1])
+
+
+def _weighted_mean(errors, valid):
+    return jnp.mean(errors) if valid is None else jnp.mean(errors * valid)
+
+
 def critic_loss(critic_params, target_critic_params, policy_params, batch, key, config: Config):
-    """TD regression on the pessimistic ensemble target; the targets and `policy_params` come stop-gradiented."""
-    next_obs = batch["next_observations"]
-    noises = jax.random.normal(key, batch["actions"].shape)
+    """TD regression on the pessimistic ensemble target, bootstrapped gamma^H after the chunk and weighted by the
+    chunk's `valid` (`chunk_terms`); the targets and `policy_params` come stop-gradiented."""
+    actions, rewards, masks, next_obs, valid = chunk_terms(batch, config)
+    noises = jax.random.normal(key, actions.shape)
     next_actions = sample_flow(policy_params, next_obs, noises, config)  # clipped
     next_qs = critic_values(target_critic_params, next_obs, next_actions, config)
     next_q = next_qs.mean(axis=0) - config.rho * next_qs.std(axis=0)
-    rewards = -(batch["rewards"] != 0).astype(jnp.float32) if config.sparse_rewards else batch["rewards"]
-    target_q = jax.lax.stop_gradient(rewards + config.discount * batch["masks"] * next_q)
-    q = critic_values(critic_params, batch["observations"], batch["actions"], config)
-    loss = jnp.mean((q - target_q) ** 2)
+    target_q = jax.lax.stop_gradient(rewards + config.discount**config.chunk_size * masks * next_q)
+    q = critic_values(critic_params, batch["observations"], actions, config)
+    loss = _weighted_mean((q - target_q) ** 2, valid)
     return loss, {"critic_loss": loss, "q_mean": q.mean(), "q_max": q.max(), "q_min": q.min()}
 
 
@@ -264,12 +338,14 @@ def adjoint_matching_loss(fine_params, base: VelocityFn, q_value: QValueFn, obse
 
 
 def actor_loss(slow_params, fast_params, base: VelocityFn, q_value: QValueFn, batch, key, config: Config):
-    """L_BC of the base flow at `slow_params` + L_AM of the fine-tuned flow at `fast_params`."""
+    """L_BC of the base flow at `slow_params` (weighted by the chunk's valid, as the official code) + L_AM of the
+    fine-tuned flow at `fast_params` (unweighted: it reads only the observations)."""
     bc_key, am_key = jax.random.split(key)
-    bc_loss = bc_flow_loss(slow_params, batch, bc_key, config)
-    action_dim = batch["actions"].shape[-1]
-    am_loss, info = adjoint_matching_loss(fast_params, base, q_value, batch["observations"], am_key, action_dim,
-                                          config)
+    actions, *_, valid = chunk_terms(batch, config)
+    slow = functools.partial(flow_velocity, slow_params, config=config)
+    bc_loss = _weighted_mean(flow_matching_errors(slow, batch["observations"], actions, bc_key), valid)
+    am_loss, info = adjoint_matching_loss(fast_params, base, q_value, batch["observations"], am_key,
+                                          actions.shape[-1], config)
     return bc_loss + am_loss, {"bc_flow_loss": bc_loss, "adj_loss": am_loss, **info}
 
 
@@ -313,5 +389,8 @@ def loss_metrics(state: AgentState, batch, key):
 
 
 def act(state: AgentState, observations, key, deterministic=False):
-    noises = policy_noise(key, observations, state.action_dim, deterministic)
-    return sample_flow(policy_flow(state.params, state.config), observations, noises, state.config)
+    """Actions (*batch, action_dim); with chunk_size H > 1 chunks (*batch, H, action_dim) to execute in order."""
+    h = state.config.chunk_size
+    noises = policy_noise(key, observations, h * state.action_dim, deterministic)
+    actions = sample_flow(policy_flow(state.params, state.config), observations, noises, state.config)
+    return actions if h == 1 else jnp.reshape(actions, (*actions.shape[:-1], h, state.action_dim))

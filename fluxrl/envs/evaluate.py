@@ -3,7 +3,9 @@
 The policy protocol: `policy(obs, rng) -> action`
     obs:    one observation as the env returns it (float32 numpy array, unbatched),
     rng:    a numpy.random.Generator owned by evaluate (seeded per episode) for any sampling the policy does,
-    action: array-like of the env's action shape.
+    action: array-like of the env's action shape (action_dim,), or an action chunk (H, action_dim): the chunk
+            is executed open loop, one env step per row, and the policy is queried again after its last row or at
+            the episode's end (the rest of the chunk is dropped), as the official Q-chunking evaluation.
 A batched JAX actor (`act(observations[B, ...], key) -> actions[B, ...]`, e.g. `functools.partial(agent.act,
 state, deterministic=True)`) becomes such a policy through `jax_policy`.
 
@@ -110,14 +112,16 @@ def evaluate(
             frames = [render_frame(env)] if k < n_video else None
             total, success, steps, done = 0.0, float(info.get("success", 0.0)), 0, False
             while not done:
-                action = np.asarray(policy(obs, rng))
-                obs, reward, terminated, truncated, info = env.step(action)
-                total += float(reward)
-                success = float(info.get("success", 0.0))
-                steps += 1
-                done = terminated or truncated or (max_steps is not None and steps >= max_steps)
-                if frames is not None:
-                    frames.append(render_frame(env))
+                for action in _action_rows(policy(obs, rng)):
+                    obs, reward, terminated, truncated, info = env.step(action)
+                    total += float(reward)
+                    success = float(info.get("success", 0.0))
+                    steps += 1
+                    done = terminated or truncated or (max_steps is not None and steps >= max_steps)
+                    if frames is not None:
+                        frames.append(render_frame(env))
+                    if done:
+                        break
             returns.append(total)
             successes.append(success)
             lengths.append(steps)
@@ -131,8 +135,18 @@ def evaluate(
     return EvalResult(task, seed, returns, successes, lengths, video_path)
 
 
+def _action_rows(action) -> np.ndarray:
+    """The env steps of one policy answer: a single action (0-D or 1-D) or the rows of a chunk (2-D)."""
+    action = np.asarray(action)
+    if action.ndim > 2 or (action.ndim == 2 and len(action) == 0):
+        raise FluxrlError(f"The policy returned an action of shape {action.shape}; expected one action "
+                          f"(action_dim,) or a chunk (H, action_dim) with H >= 1.")
+    return action if action.ndim == 2 else action[None]
+
+
 def jax_policy(act_fn: Callable) -> Policy:
-    """Adapt a batched JAX actor `act_fn(observations[B, ...], key) -> actions[B, ...]` to `policy(obs, rng)`.
+    """Adapt a batched JAX actor `act_fn(observations[B, ...], key) -> actions[B, ...]` to `policy(obs, rng)`
+    (an actor of action chunks, actions[B, H, action_dim], gives chunks that evaluate executes open loop).
 
     Each call draws a fresh JAX key from the episode's Generator, so evaluation stays deterministic."""
     import jax

@@ -1,7 +1,8 @@
 """The one training engine: offline, offline-to-online and online RL for every agent, N seeds in one process.
 
-Agents follow the contract in fluxrl/agents (init / update / loss_metrics / act, BATCH_SPEC.keys); nothing here
-depends on which agent runs. Structure of a run of T = steps + online_steps steps:
+Agents follow the contract in fluxrl/agents (init / update / loss_metrics / act, BATCH_SPEC.keys, or
+batch_spec(config) where the fields depend on the config); nothing here depends on which agent runs. Structure of
+a run of T = steps + online_steps steps:
 
 offline phase   `lax.scan` fuses up to `updates_per_call` updates into one compiled call; each update draws its
                 batch on the device from the dataset Sampler; `vmap` runs all seeds at once. Metrics are summed on
@@ -202,6 +203,13 @@ def make_sample(batch_size: int, fields: tuple, sample_options: tuple):
     return jax.jit(lambda sampler, key: sampler.sample(key, batch_size, fields, **dict(sample_options)))
 
 
+def agent_batch_spec(agent, agent_config):
+    """The batch spec of `agent` under `agent_config`: its batch_spec(config) where it defines one (QAM: the chunk
+    length is a config field), else its BATCH_SPEC."""
+    batch_spec = getattr(agent, "batch_spec", None)
+    return batch_spec(agent_config) if batch_spec is not None else agent.BATCH_SPEC
+
+
 @functools.lru_cache(maxsize=None)
 def make_act(agent, deterministic: bool):
     """act(state of one seed, observations, key) -> actions."""
@@ -231,7 +239,7 @@ class Trainer:
         self.online_agent_config = online_agent_config if online_agent_config != self.agent_config else None
         self.seeds = [config.seed + i for i in range(config.seeds)]
         self.total_steps = config.steps + config.online_steps
-        spec = self.agent.BATCH_SPEC
+        spec = agent_batch_spec(self.agent, self.agent_config)
         self.fields = tuple(spec.keys)
         self.sample_options = tuple((k, getattr(spec, k)) for k in SAMPLE_OPTION_NAMES
                                     if getattr(spec, k, None) is not None)
@@ -240,6 +248,9 @@ class Trainer:
         self.online = config.online_steps > 0
         self.from_scratch = config.steps == 0 and config.dataset is None
         if self.online:
+            if (getattr(spec, "chunk_size", None) or 1) > 1:
+                raise FluxrlError("Action-chunked agents (chunk_size > 1) train offline only, because the online loop "
+                                  "executes one action per step; pass --agent.chunk_size 1 to train online.")
             check_online_fields(self.fields)
             if self.frame_stack > 1:
                 raise FluxrlError("Frame-stacked agents train offline only: the online replay stores single frames.")

@@ -143,7 +143,9 @@ class LoadedPolicy:
     """policy(observations, key=None, deterministic=True) -> actions in [-1, 1].
 
     observations: one observation (obs_shape) or a batch (batch, *obs_shape). Deterministic by default; pass a
-    key (jax.random.key) with deterministic=False for stochastic actions."""
+    key (jax.random.key) with deterministic=False for stochastic actions. Actions are shaped as the agent's act
+    returns them: (action_dim,) per observation, or for an action-chunking agent (QAM with chunk_size H > 1) a
+    chunk (H, action_dim) per observation, to be executed in order (open loop) before asking again."""
 
     def __init__(self, agent, state, spec: dict, meta: dict):
         self.agent, self.state, self.meta = agent, state, meta
@@ -168,7 +170,11 @@ class LoadedPolicy:
 
 
 def load_policy(path: str) -> LoadedPolicy:
-    """Load a policy written by `fluxrl export` (or export_policy)."""
+    """Load a policy written by `fluxrl export` (or export_policy).
+
+    The policy maps one observation to one action (action_dim,), or a batch to (batch, action_dim); a chunked
+    policy (QAM with chunk_size H > 1) returns chunks instead: (H, action_dim), or (batch, H, action_dim), whose
+    rows are the next H actions to execute in order."""
     policy_path = os.path.join(path, POLICY_FILE)
     if not os.path.exists(policy_path):
         raise FluxrlError(f"{path} is not an exported policy (no {POLICY_FILE}).")

@@ -37,6 +37,7 @@ def pretrain_view(module: types.ModuleType, spec: str | None = None) -> types.Mo
     view.__dict__.update({k: v for k, v in vars(module).items() if not k.startswith("__")})
     view.NAME = f"{getattr(module, 'NAME', module.__name__)}:pretrain"
     view.BATCH_SPEC = module.PRETRAIN_BATCH_SPEC
+    view.__dict__.pop("batch_spec", None)  # a config-dependent spec describes the fine-tuning batches
     view.update = module.pretrain_update
     view.loss_metrics = module.pretrain_loss_metrics
     view.FINETUNE_MODULE = module
