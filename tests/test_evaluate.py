@@ -234,3 +234,84 @@ def test_mujoco_video(tmp_path, ext):
     assert len(frames) == 4 and frames[0].shape[:2] == (32, 64)
     assert np.asarray(frames[0]).std() > 0  # a real picture, not a blank canvas
     assert result.lengths == [3, 3]
+
+
+# --- lockstep evaluation (policy.batched) ----------------------------------------------------------------------
+
+
+def with_batched(policy, calls=None):
+    """policy plus the lockstep protocol, answered row by row (dropped rows get a placeholder, drawing nothing)."""
+
+    def batched(observations, rngs):
+        if calls is not None:
+            calls.append(sum(r is not None for r in rngs))
+        answers = [policy(o, r) if r is not None else None for o, r in zip(observations, rngs)]
+        shape = next(np.shape(a) for a in answers if a is not None)
+        return np.stack([np.asarray(a, np.float64) if a is not None else np.zeros(shape) for a in answers])
+
+    def wrapped(obs, rng):
+        return policy(obs, rng)
+
+    wrapped.batched = batched
+    return wrapped
+
+
+def chunky_random_policy(obs, rng):
+    return rng.uniform(-1, 1, size=(3, 1))
+
+
+@pytest.mark.parametrize("policy", [random_policy, chunky_random_policy])
+def test_lockstep_equals_one_episode_at_a_time(policy):
+    """Episodes side by side give exactly the per-episode results of the sequential loop (same reset seeds, same
+    draws from each episode's Generator, chunks queued per episode), with max_steps and uneven lengths."""
+    calls = []
+    for max_steps in (None, 6):
+        sequential = evaluate(countdown, policy, episodes=7, seed=5, max_steps=max_steps)
+        lockstep = evaluate(countdown, with_batched(policy, calls), episodes=7, seed=5, max_steps=max_steps)
+        assert (lockstep.returns, lockstep.successes, lockstep.lengths) == (
+            sequential.returns, sequential.successes, sequential.lengths)
+        assert len(set(sequential.lengths)) > 1  # the episodes really end at different steps
+    assert calls and max(calls) == 7 and min(calls) < 7  # one call per step; finished episodes stop asking
+
+
+def test_lockstep_on_an_ogbench_task_restores_numpy_rng():
+    np.random.seed(0)
+    expected = np.random.rand()
+    np.random.seed(0)
+
+    def noisy(obs, rng):
+        return rng.normal(size=2)
+
+    lockstep = evaluate("pointmaze-medium-navigate-singletask-task1", with_batched(noisy), episodes=3, seed=1,
+                        max_steps=20)
+    assert np.random.rand() == expected
+    sequential = evaluate("pointmaze-medium-navigate-singletask-task1", noisy, episodes=3, seed=1, max_steps=20)
+    assert lockstep.returns == sequential.returns and lockstep.lengths == sequential.lengths == [20, 20, 20]
+
+
+def test_jax_policy_rows_use_the_keys_of_the_sequential_policy():
+    """jax_policy's batched rows equal its one-observation answers for the same Generators, through the engine's
+    row actor (a real agent's act vmapped over rows), and key_data_of_seeds is jax.random.key's data."""
+    import jax
+    import jax.numpy as jnp
+
+    from fluxrl.envs.evaluate import key_data_of_seeds
+
+    seeds = np.array([0, 1, 12345, 2**31 - 2], np.uint32)
+    expected = np.stack([np.asarray(jax.random.key_data(jax.random.key(int(s)))) for s in seeds])
+    assert np.array_equal(key_data_of_seeds(seeds), expected)
+
+    def act(observations, key):  # noise of the batch's shape: rows must get their own keys
+        return jnp.tanh(observations[:, :2] + jax.random.normal(key, (observations.shape[0], 2)))
+
+    def row_act(observations, key_data):
+        keys = jax.random.wrap_key_data(key_data)
+        return jax.vmap(lambda o, k: act(o[None], k)[0])(observations, keys)
+
+    policy = jax_policy(jax.jit(act), jax.jit(row_act))
+    observations = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+    rows = policy.batched(observations, [np.random.default_rng(i) for i in range(3)] + [None])
+    for i in range(3):
+        single = policy(observations[i], np.random.default_rng(i))
+        np.testing.assert_allclose(rows[i], single, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(rows[0], rows[1])

@@ -9,6 +9,12 @@ The policy protocol: `policy(obs, rng) -> action`
 A batched JAX actor (`act(observations[B, ...], key) -> actions[B, ...]`, e.g. `functools.partial(agent.act,
 state, deterministic=True)`) becomes such a policy through `jax_policy`.
 
+Lockstep evaluation: a policy may also offer `policy.batched(observations[N, ...], rngs) -> answers[N, ...]`, row
+i being exactly `policy(observations[i], rngs[i])` (rngs[i] None: row i's answer is discarded and must draw
+nothing). evaluate then runs all episodes side by side in their own envs with one policy call per step, which
+is what makes evaluation of a JAX actor fast (one compiled call for N episodes instead of N). The episodes, their
+seeds and the policy's random draws are those of the one-at-a-time loop, so the results are the same.
+
 Determinism: episode k is reset with a seed derived from (seed, k) and the policy gets a Generator seeded from
 (seed, k), so the result depends only on `seed` (and the policy). OGBench envs also draw from numpy's global
 RNG; it is seeded on each reset and restored to its previous state when evaluate returns.
@@ -96,11 +102,21 @@ def evaluate(
         if video_episodes < 1:
             raise FluxrlError(f"video_episodes must be at least 1, got {video_episodes}.")
     size = render_size if video_path else None
-    if isinstance(task_name_or_env_fn, str):
-        task, env = task_name_or_env_fn, make_env(task_name_or_env_fn, render_size=size)
-    else:
-        env = task_name_or_env_fn(render_size=size)
-        task = getattr(env, "task_name", None) or (env.spec.id if env.spec else type(env.unwrapped).__name__)
+
+    def new_env(render_size):
+        if isinstance(task_name_or_env_fn, str):
+            return make_env(task_name_or_env_fn, render_size=render_size)
+        return task_name_or_env_fn(render_size=render_size)
+
+    env = new_env(size)
+    task = task_name_or_env_fn if isinstance(task_name_or_env_fn, str) else (
+        getattr(env, "task_name", None) or (env.spec.id if env.spec else type(env.unwrapped).__name__))
+    if getattr(policy, "batched", None) is not None and episodes > 1:
+        envs = [env] + [new_env(size if k < n_video else None) for k in range(1, episodes)]
+        returns, successes, lengths, videos = _lockstep(envs, policy.batched, seed, max_steps, n_video)
+        if video_path:
+            write_video(video_path, compose(videos, video_layout), fps=fps)
+        return EvalResult(task, seed, returns, successes, lengths, video_path)
 
     global_state = np.random.get_state()
     returns, successes, lengths, videos = [], [], [], []
@@ -135,6 +151,51 @@ def evaluate(
     return EvalResult(task, seed, returns, successes, lengths, video_path)
 
 
+def _lockstep(envs: list, batched: Callable, seed: int, max_steps: int | None, n_video: int):
+    """Episode k in envs[k], all side by side: one batched policy call per step for the episodes whose action
+    queue is empty (the others' rows are computed and dropped). Same seeds and draws as the sequential loop."""
+    from fluxrl.envs.video import render_frame
+
+    n = len(envs)
+    global_state = np.random.get_state()
+    try:
+        rngs, observations, success = [], [], []
+        for k, env in enumerate(envs):  # each reset seeds (and draws from) numpy's global RNG, so one at a time
+            env_seed, policy_seed = np.random.SeedSequence([seed, k]).generate_state(2)
+            rngs.append(np.random.default_rng(int(policy_seed)))
+            obs, info = env.reset(seed=int(env_seed))
+            observations.append(obs)
+            success.append(float(info.get("success", 0.0)))
+        videos = [[render_frame(envs[k])] for k in range(n_video)]
+        totals, steps, done = [0.0] * n, [0] * n, [False] * n
+        queues = [np.zeros((0,))] * n
+        while not all(done):
+            asking = [not done[k] and len(queues[k]) == 0 for k in range(n)]
+            if any(asking):
+                answers = np.asarray(batched(np.stack(observations), [r if a else None for r, a in zip(rngs, asking)]))
+                for k in range(n):
+                    if asking[k]:
+                        queues[k] = _action_rows(answers[k])
+            for k in range(n):
+                if done[k]:
+                    continue
+                action, queues[k] = queues[k][0], queues[k][1:]
+                observations[k], reward, terminated, truncated, info = envs[k].step(action)
+                totals[k] += float(reward)
+                success[k] = float(info.get("success", 0.0))
+                steps[k] += 1
+                done[k] = terminated or truncated or (max_steps is not None and steps[k] >= max_steps)
+                if k < n_video:
+                    videos[k].append(render_frame(envs[k]))
+                if done[k]:
+                    queues[k] = queues[k][:0]
+    finally:
+        np.random.set_state(global_state)
+        for env in envs:
+            env.close()
+    return totals, success, steps, videos
+
+
 def _action_rows(action) -> np.ndarray:
     """The env steps of one policy answer: a single action (0-D or 1-D) or the rows of a chunk (2-D)."""
     action = np.asarray(action)
@@ -144,9 +205,11 @@ def _action_rows(action) -> np.ndarray:
     return action if action.ndim == 2 else action[None]
 
 
-def jax_policy(act_fn: Callable) -> Policy:
+def jax_policy(act_fn: Callable, row_act_fn: Callable | None = None) -> Policy:
     """Adapt a batched JAX actor `act_fn(observations[B, ...], key) -> actions[B, ...]` to `policy(obs, rng)`
     (an actor of action chunks, actions[B, H, action_dim], gives chunks that evaluate executes open loop).
+    row_act_fn(observations[N, ...], key_data[N, 2]) -> answers[N, ...], row i = act_fn(observations[i:i+1],
+    wrapped key_data[i])[0], adds `policy.batched` (lockstep evaluation; see the module docstring).
 
     Each call draws a fresh JAX key from the episode's Generator, so evaluation stays deterministic."""
     import jax
@@ -156,4 +219,21 @@ def jax_policy(act_fn: Callable) -> Policy:
         key = jax.random.key(int(rng.integers(0, 2**31 - 1)))
         return np.asarray(act_fn(jnp.asarray(obs)[None], key))[0]
 
+    if row_act_fn is not None:
+        def batched(observations, rngs):
+            # Row i's key is the one `policy` would draw from rngs[i]; dropped rows (None) draw nothing.
+            seeds = np.array([int(r.integers(0, 2**31 - 1)) if r is not None else 0 for r in rngs], np.uint32)
+            return np.asarray(row_act_fn(jnp.asarray(observations), key_data_of_seeds(seeds)))
+
+        policy.batched = batched
     return policy
+
+
+def key_data_of_seeds(seeds: np.ndarray) -> np.ndarray:
+    """The raw data of jax.random.key(s) for each s in `seeds` (< 2**31), without one dispatch per key: threefry
+    keys hold (0, s); any other default PRNG implementation falls back to building them one by one."""
+    import jax
+
+    if str(jax.random.key_impl(jax.random.key(0))) == "threefry2x32":
+        return np.stack([np.zeros_like(seeds), seeds], axis=-1)
+    return np.stack([np.asarray(jax.random.key_data(jax.random.key(int(s)))) for s in seeds])

@@ -216,6 +216,18 @@ def make_act(agent, deterministic: bool):
     return jax.jit(lambda s, o, k: agent.act(s, o, k, deterministic=deterministic))
 
 
+@functools.lru_cache(maxsize=None)
+def make_row_act(agent, deterministic: bool):
+    """row_act(state of one seed, observations[N], key_data[N]) -> row i = act(state, observations[i:i+1], key i)[0]:
+    N evaluation episodes in one call, each with the key the one-episode-at-a-time loop would give it."""
+
+    def row_act(state, observations, key_data):
+        keys = jax.random.wrap_key_data(key_data)
+        return jax.vmap(lambda o, k: agent.act(state, o[None], k, deterministic=deterministic)[0])(observations, keys)
+
+    return jax.jit(row_act)
+
+
 # --- the run ------------------------------------------------------------------------------------------------------
 
 
@@ -493,10 +505,14 @@ class Trainer:
         self.validate = make_validation(self.agent, self.batch_size, self.fields, self.sample_options)
         self.val_keys = seed_keys(self.seeds, 2)
         # The deterministic flag of the official evaluation (e.g. FQL samples its noise even there).
-        self.act_eval = make_act(self.agent, bool(getattr(self.agent, "EVAL_DETERMINISTIC", True)))
+        deterministic = bool(getattr(self.agent, "EVAL_DETERMINISTIC", True))
+        self.act_eval = make_act(self.agent, deterministic)
+        self.row_act_eval = make_row_act(self.agent, deterministic)
         if self.obs_norm:  # the agent sees normalised observations; the environment gives raw ones
-            act, mean, std = self.act_eval, jnp.asarray(self.obs_norm["mean"]), jnp.asarray(self.obs_norm["std"])
+            act, row_act = self.act_eval, self.row_act_eval
+            mean, std = jnp.asarray(self.obs_norm["mean"]), jnp.asarray(self.obs_norm["std"])
             self.act_eval = lambda state, observations, key: act(state, (observations - mean) / std, key)
+            self.row_act_eval = lambda state, observations, keys: row_act(state, (observations - mean) / std, keys)
         if self.online:
             self.online_step = make_online_step(self.agent, self.batch_size, self.fields, self.sample_options,
                                                 self.cfg.balanced_sampling, self.action_dim)
@@ -585,7 +601,8 @@ class Trainer:
                 video = os.path.join(self.run_dir, "videos", f"seed_{v}_step_{step}.mp4")
             stats = external.evaluate(cfg.task, functools.partial(self.act_eval, state), cfg.eval_episodes,
                                       seed=episode_seed(v, EVAL_EPISODE_SALT, step), video_path=video,
-                                      video_episodes=cfg.video_episodes if video else 0)
+                                      video_episodes=cfg.video_episodes if video else 0,
+                                      row_act_fn=functools.partial(self.row_act_eval, state))
             rows.append({"seed": v, **{f"evaluation/{k}": float(x) for k, x in stats.items()}})
         self.sink.write("eval", step, rows)
         self.last_eval = {"step": step, "rows": rows}

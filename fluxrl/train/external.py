@@ -19,13 +19,15 @@ def make_env(task: str, seed: int | None = None, render_size: int | None = None)
 
 
 def evaluate(task: str, act_fn: Callable, episodes: int, seed: int, video_path: str | None = None,
-             video_episodes: int = 0) -> dict[str, float]:
+             video_episodes: int = 0, row_act_fn: Callable | None = None) -> dict[str, float]:
     """Mean return / success / length of `episodes` episodes of the batched actor `act_fn(observations, key)`
     in fresh envs of `task` (fluxrl.envs.evaluate; depends only on `seed`); writes a video of the first
-    `video_episodes` episodes to `video_path` if given."""
+    `video_episodes` episodes to `video_path` if given. With `row_act_fn` (see fluxrl.envs.evaluate.jax_policy)
+    the episodes run side by side, one policy call per step."""
     from fluxrl.envs.evaluate import evaluate as _evaluate, jax_policy
 
-    result = _evaluate(lambda render_size=None: make_env(task, render_size=render_size), jax_policy(act_fn),
+    result = _evaluate(lambda render_size=None: make_env(task, render_size=render_size),
+                       jax_policy(act_fn, row_act_fn),
                        episodes=episodes, seed=seed, video_path=video_path if video_episodes else None,
                        video_episodes=max(video_episodes, 1))
     return {"return": result.mean_return, "success": result.success_rate, "length": result.mean_length}
