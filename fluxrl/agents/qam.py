@@ -192,8 +192,7 @@ def _flat_example(example_batch: dict, config: Config) -> dict:
         raise FluxrlError(f"qam config field chunk_size is {config.chunk_size}, so the example batch needs "
                           f"'actions_chunk' shaped (batch, {config.chunk_size}, action_dim); got "
                           f"{None if chunk is None else tuple(chunk.shape)}.")
-    flat = {k: v for k, v in example_batch.items() if k == "observations"}
-    return flat | {"actions": jnp.reshape(chunk, (chunk.shape[0], -1))}
+    return {"observations": example_batch["observations"], "actions": jnp.reshape(chunk, (chunk.shape[0], -1))}
 
 
 def init(key: jax.Array, example_batch: dict, config: Config) -> AgentState:
