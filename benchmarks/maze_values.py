@@ -12,37 +12,13 @@ rises towards 0 as the distance shrinks. Read-only: writes nothing.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
-import jax
 import numpy as np
 
 from fluxrl.data.io import load_dataset
 from fluxrl.envs import make_env
 from fluxrl.envs.ogbench_envs import BFSSubgoals
-from fluxrl.train.checkpoint import Checkpointer, parse_signature
-from fluxrl.train.config import TrainConfig, from_jsonable, resolve_agent
-from fluxrl.train.export import AGENT_PREFIX, _example_batch
-
-
-def seed_states(run_dir: str, step: int | None):
-    with open(os.path.join(run_dir, "config.json")) as f:
-        record = json.load(f)
-    train = from_jsonable(TrainConfig, record["train"], run_dir)
-    agent = resolve_agent(record["agent"])
-    config = from_jsonable(agent.Config, record["agent_config"], run_dir)
-    checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"))
-    try:
-        arrays, meta = checkpointer.read_arrays(step)
-    finally:
-        checkpointer.close()
-    template = agent.init(jax.random.key(0), _example_batch(meta["example_batch"]), config)
-    stored = {parse_signature(entry)[0]: f"{i:06d}" for i, entry in enumerate(meta["leaf_signature"])}
-    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
-    keys = [stored[AGENT_PREFIX + jax.tree_util.keystr(path)] for path, _ in paths]
-    states = [jax.tree_util.tree_unflatten(treedef, [arrays[k][i] for k in keys]) for i in range(train.seeds)]
-    return agent, config, train, states, meta["step"]
+from fluxrl.train.export import restore_seed_states
 
 
 def main() -> None:
@@ -51,7 +27,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=20000)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     args = parser.parse_args()
-    agent, config, train, states, step = seed_states(args.run_dir, args.step)
+    agent, config, train, states, step = restore_seed_states(args.run_dir, args.step)
     if not hasattr(agent, "critic_values"):
         raise SystemExit(f"agent {agent.NAME} has no critic_values function.")
     data = load_dataset(train.dataset)

@@ -15,6 +15,7 @@ from fluxrl.data import generate as generate_module
 from fluxrl.data.dataset import regular_to_raw, save_npz
 from fluxrl.train import external, load_policy
 from fluxrl.train.checkpoint import Checkpointer, parse_signature
+from fluxrl.train.export import restore_seed_states
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_engine as tiny  # noqa: E402
@@ -98,6 +99,20 @@ def test_export_and_load_policy(trained, tmp_path, capsys):
     one_error_line(capsys, "already exists")
     assert main(["export", str(trained), "--seed", "7"]) == 2
     one_error_line(capsys, "--seed 7 is not a seed", "0, 1")
+
+
+def test_restore_seed_states_gives_every_seeds_checkpointed_state(trained):
+    agent, config, train, states, step = restore_seed_states(str(trained))
+    assert agent.NAME == tiny.NAME and config.lr == 0.1 and train.seeds == 2 and step == 40
+    arrays, meta = Checkpointer(str(trained / "checkpoints")).read_arrays()
+    storage_key = {parse_signature(s)[0]: f"{i:06d}" for i, s in enumerate(meta["leaf_signature"])}
+    for seed, state in enumerate(states):
+        for name in ("w", "b"):
+            np.testing.assert_array_equal(np.asarray(state.params[name]),
+                                          np.asarray(arrays[storage_key[f".agent.params['{name}']"]])[seed])
+    assert not np.array_equal(np.asarray(states[0].params["w"]), np.asarray(states[1].params["w"]))
+    _, _, _, earlier, step = restore_seed_states(str(trained), step=20)
+    assert step == 20 and not np.array_equal(np.asarray(earlier[0].params["w"]), np.asarray(states[0].params["w"]))
 
 
 def test_summary_and_files(trained):

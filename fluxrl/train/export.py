@@ -63,17 +63,57 @@ def used_by_act(agent, state, observation_shape, observation_dtype) -> list[bool
     return used
 
 
-def export_policy(run_dir: str, seed: int | None = None, out: str | None = None, step: int | None = None) -> str:
-    """Write seed `seed`'s policy (default: the run's first seed) from checkpoint `step` (default: the latest) of
-    `run_dir` into the new directory `out` (default RUN_DIR/policy_seed<seed>); returns `out`."""
+def _read_run(run_dir: str):
+    """(config.json record, TrainConfig, agent module) of a run directory."""
     config_path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.exists(config_path):
         raise FluxrlError(f"{run_dir} is not a fluxrl run directory (no {CONFIG_FILE}).")
     with open(config_path) as f:
         record = json.load(f)
-    train = from_jsonable(TrainConfig, record["train"], config_path)
-    agent = resolve_agent(record["agent"])
-    agent_config = from_jsonable(agent.Config, record["agent_config"], config_path)
+    return record, from_jsonable(TrainConfig, record["train"], config_path), resolve_agent(record["agent"])
+
+
+def _phase_config_record(record: dict, train: TrainConfig, step: int) -> dict:
+    """The agent config of the phase checkpoint `step` ends in (an agent may switch values online:
+    `online_config`)."""
+    online = record.get("agent_config_online")
+    return online if online and step > train.steps else record["agent_config"]
+
+
+def _agent_leaf_names(template) -> list[str]:
+    return [AGENT_PREFIX + jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(template)]
+
+
+def restore_seed_states(run_dir: str, step: int | None = None):
+    """Every seed's full agent state from checkpoint `step` (default: the latest) of `run_dir`, for analysis.
+
+    Returns (agent module, agent config of the checkpoint's phase, TrainConfig, [state per seed], step)."""
+    record, train, agent = _read_run(run_dir)
+    checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"))
+    try:
+        arrays, meta = checkpointer.read_arrays(step)
+    finally:
+        checkpointer.close()
+    step = meta["step"]
+    config = from_jsonable(agent.Config, _phase_config_record(record, train, step), os.path.join(run_dir, CONFIG_FILE))
+    template = jax.jit(agent.init, static_argnums=2)(jax.random.key(0), _example_batch(meta["example_batch"]), config)
+    stored = {parse_signature(entry)[0]: f"{i:06d}" for i, entry in enumerate(meta["leaf_signature"])}
+    names = _agent_leaf_names(template)
+    missing = [name for name in names if name not in stored]
+    if missing:
+        raise FluxrlError(f"Checkpoint step {step} of {run_dir} has no array {missing[0]}; it was written by a "
+                          f"different version of agent {record['agent']}.")
+    treedef = jax.tree_util.tree_structure(template)
+    states = [jax.tree_util.tree_unflatten(treedef, [arrays[stored[name]][i] for name in names])
+              for i in range(train.seeds)]
+    return agent, config, train, states, step
+
+
+def export_policy(run_dir: str, seed: int | None = None, out: str | None = None, step: int | None = None) -> str:
+    """Write seed `seed`'s policy (default: the run's first seed) from checkpoint `step` (default: the latest) of
+    `run_dir` into the new directory `out` (default RUN_DIR/policy_seed<seed>); returns `out`."""
+    record, train, agent = _read_run(run_dir)
+    agent_config = from_jsonable(agent.Config, record["agent_config"], os.path.join(run_dir, CONFIG_FILE))
     seeds = [train.seed + i for i in range(train.seeds)]
     seed = seeds[0] if seed is None else seed
     if seed not in seeds:
@@ -93,8 +133,7 @@ def export_policy(run_dir: str, seed: int | None = None, out: str | None = None,
         obs_shape, obs_dtype = meta["example_batch"]["observations"]
         used = used_by_act(agent, template, obs_shape, obs_dtype)
         wanted, leaves = {}, []
-        for (path, leaf), is_used in zip(paths, used):
-            name = AGENT_PREFIX + jax.tree_util.keystr(path)
+        for (path, leaf), name, is_used in zip(paths, _agent_leaf_names(template), used):
             if name not in stored:
                 raise FluxrlError(f"Checkpoint step {step} of {run_dir} has no array {name}; it was written by a "
                                   f"different version of agent {record['agent']}.")
@@ -112,9 +151,7 @@ def export_policy(run_dir: str, seed: int | None = None, out: str | None = None,
     policy = {
         "format": FORMAT_VERSION,
         "agent": record["agent"],
-        # the config of the phase the checkpoint ends in (an agent may switch values online: `online_config`)
-        "agent_config": record.get("agent_config_online") if step > train.steps and record.get(
-            "agent_config_online") else record["agent_config"],
+        "agent_config": _phase_config_record(record, train, step),
         "example_batch": meta["example_batch"],
         "obs_norm": meta.get("obs_norm"),  # applied to raw observations before act (None: none)
         "task": train.task,
