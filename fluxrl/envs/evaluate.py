@@ -90,7 +90,7 @@ def evaluate(
     video_path: write the first `video_episodes` episodes to this .mp4/.gif, `video_layout` 'tile' or
         'sequential', frames of render_size x render_size pixels."""
     from fluxrl.envs import make_env
-    from fluxrl.envs.video import check_video_path, compose, render_frame, write_video
+    from fluxrl.envs.video import check_video_path, compose, write_video
 
     if episodes < 1:
         raise FluxrlError(f"episodes must be at least 1, got {episodes}.")
@@ -111,89 +111,70 @@ def evaluate(
     env = new_env(size)
     task = task_name_or_env_fn if isinstance(task_name_or_env_fn, str) else (
         getattr(env, "task_name", None) or (env.spec.id if env.spec else type(env.unwrapped).__name__))
-    if getattr(policy, "batched", None) is not None and episodes > 1:
-        envs = [env] + [new_env(size if k < n_video else None) for k in range(1, episodes)]
-        returns, successes, lengths, videos = _lockstep(envs, policy.batched, seed, max_steps, n_video)
-        if video_path:
-            write_video(video_path, compose(videos, video_layout), fps=fps)
-        return EvalResult(task, seed, returns, successes, lengths, video_path)
-
     global_state = np.random.get_state()
-    returns, successes, lengths, videos = [], [], [], []
+    envs = [env]
     try:
-        for k in range(episodes):
-            env_seed, policy_seed = np.random.SeedSequence([seed, k]).generate_state(2)
-            rng = np.random.default_rng(int(policy_seed))
-            obs, info = env.reset(seed=int(env_seed))
-            frames = [render_frame(env)] if k < n_video else None
-            total, success, steps, done = 0.0, float(info.get("success", 0.0)), 0, False
-            while not done:
-                for action in _action_rows(policy(obs, rng)):
-                    obs, reward, terminated, truncated, info = env.step(action)
-                    total += float(reward)
-                    success = float(info.get("success", 0.0))
-                    steps += 1
-                    done = terminated or truncated or (max_steps is not None and steps >= max_steps)
-                    if frames is not None:
-                        frames.append(render_frame(env))
-                    if done:
-                        break
-            returns.append(total)
-            successes.append(success)
-            lengths.append(steps)
-            if frames is not None:
-                videos.append(frames)
+        if getattr(policy, "batched", None) is not None and episodes > 1:
+            envs += [new_env(size if k < n_video else None) for k in range(1, episodes)]
+            returns, successes, lengths, videos = _lockstep(envs, range(episodes), policy.batched, seed, max_steps,
+                                                            n_video)
+        else:
+            def ask_one(observations, rngs):
+                return np.asarray(policy(observations[0], rngs[0]))[None]
+
+            returns, successes, lengths, videos = [], [], [], []
+            for k in range(episodes):  # one env, reset for each episode
+                result = _lockstep([env], [k], ask_one, seed, max_steps, n_video)
+                for total, part in zip((returns, successes, lengths, videos), result):
+                    total.extend(part)
     finally:
         np.random.set_state(global_state)
-        env.close()
+        for e in envs:
+            e.close()
     if video_path:
         write_video(video_path, compose(videos, video_layout), fps=fps)
     return EvalResult(task, seed, returns, successes, lengths, video_path)
 
 
-def _lockstep(envs: list, batched: Callable, seed: int, max_steps: int | None, n_video: int):
-    """Episode k in envs[k], all side by side: one batched policy call per step for the episodes whose action
-    queue is empty (the others' rows are computed and dropped). Same seeds and draws as the sequential loop."""
+def _lockstep(envs: list, episode_ids, batched: Callable, seed: int, max_steps: int | None, n_video: int):
+    """Episode episode_ids[j] in envs[j], all side by side: one batched policy call per step for the episodes
+    whose action queue is empty (the others' rows are computed and dropped). Episode k's env and policy seeds
+    derive from (seed, k); the first n_video episodes are filmed. Returns (returns, successes, lengths, videos)."""
     from fluxrl.envs.video import render_frame
 
     n = len(envs)
-    global_state = np.random.get_state()
-    try:
-        rngs, observations, success = [], [], []
-        for k, env in enumerate(envs):  # each reset seeds (and draws from) numpy's global RNG, so one at a time
-            env_seed, policy_seed = np.random.SeedSequence([seed, k]).generate_state(2)
-            rngs.append(np.random.default_rng(int(policy_seed)))
-            obs, info = env.reset(seed=int(env_seed))
-            observations.append(obs)
-            success.append(float(info.get("success", 0.0)))
-        videos = [[render_frame(envs[k])] for k in range(n_video)]
-        totals, steps, done = [0.0] * n, [0] * n, [False] * n
-        queues = [np.zeros((0,))] * n
-        while not all(done):
-            asking = [not done[k] and len(queues[k]) == 0 for k in range(n)]
-            if any(asking):
-                answers = np.asarray(batched(np.stack(observations), [r if a else None for r, a in zip(rngs, asking)]))
-                for k in range(n):
-                    if asking[k]:
-                        queues[k] = _action_rows(answers[k])
-            for k in range(n):
-                if done[k]:
-                    continue
-                action, queues[k] = queues[k][0], queues[k][1:]
-                observations[k], reward, terminated, truncated, info = envs[k].step(action)
-                totals[k] += float(reward)
-                success[k] = float(info.get("success", 0.0))
-                steps[k] += 1
-                done[k] = terminated or truncated or (max_steps is not None and steps[k] >= max_steps)
-                if k < n_video:
-                    videos[k].append(render_frame(envs[k]))
-                if done[k]:
-                    queues[k] = queues[k][:0]
-    finally:
-        np.random.set_state(global_state)
-        for env in envs:
-            env.close()
-    return totals, success, steps, videos
+    filmed = [k < n_video for k in episode_ids]
+    rngs, observations, success = [], [], []
+    for k, env in zip(episode_ids, envs):  # each reset seeds (and draws from) numpy's global RNG, so one at a time
+        env_seed, policy_seed = np.random.SeedSequence([seed, k]).generate_state(2)
+        rngs.append(np.random.default_rng(int(policy_seed)))
+        obs, info = env.reset(seed=int(env_seed))
+        observations.append(obs)
+        success.append(float(info.get("success", 0.0)))
+    videos = [[render_frame(envs[j])] if filmed[j] else None for j in range(n)]
+    totals, steps, done = [0.0] * n, [0] * n, [False] * n
+    queues = [np.zeros((0,))] * n
+    while not all(done):
+        asking = [not done[j] and len(queues[j]) == 0 for j in range(n)]
+        if any(asking):
+            answers = np.asarray(batched(np.stack(observations), [r if a else None for r, a in zip(rngs, asking)]))
+            for j in range(n):
+                if asking[j]:
+                    queues[j] = _action_rows(answers[j])
+        for j in range(n):
+            if done[j]:
+                continue
+            action, queues[j] = queues[j][0], queues[j][1:]
+            observations[j], reward, terminated, truncated, info = envs[j].step(action)
+            totals[j] += float(reward)
+            success[j] = float(info.get("success", 0.0))
+            steps[j] += 1
+            done[j] = terminated or truncated or (max_steps is not None and steps[j] >= max_steps)
+            if filmed[j]:
+                videos[j].append(render_frame(envs[j]))
+            if done[j]:
+                queues[j] = queues[j][:0]
+    return totals, success, steps, [v for v in videos if v is not None]
 
 
 def _action_rows(action) -> np.ndarray:
