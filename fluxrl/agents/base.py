@@ -32,9 +32,11 @@ from fluxrl.errors import FluxrlError
 
 @dataclasses.dataclass(frozen=True)
 class BatchSpec:
-    """The batch fields an agent's update reads (names as in fluxrl.data.sampler)."""
+    """The batch fields an agent's update reads (names as in fluxrl.data.sampler), and the length h of the
+    sampler's *_chunk fields when it reads them (action-chunking agents)."""
 
     keys: tuple[str, ...]
+    chunk_size: int = 1
 
 
 class AgentState(flax.struct.PyTreeNode):

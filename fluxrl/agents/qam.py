@@ -147,20 +147,13 @@ def for_task(config: Config, task_name: str | None, preset: str) -> Config:
     return with_task_values(config, task_name, TASK_VALUES)
 
 
-@dataclasses.dataclass(frozen=True)
-class ChunkBatchSpec(BatchSpec):
-    """A batch spec with the chunk length the sampler gives its *_chunk fields (the engine passes it on)."""
-
-    chunk_size: int = 1
-
-
-BATCH_SPEC = BatchSpec(keys=("observations", "actions", "rewards", "masks", "next_observations"))  # chunk_size = 1
+BATCH_SPEC = BatchSpec(keys=("observations", "actions", "rewards", "masks", "next_observations"))
 CHUNK_KEYS = ("observations", "actions_chunk", "rewards_chunk", "masks_chunk", "valid_chunk", "next_observations_chunk")
 
 
 def batch_spec(config: Config) -> BatchSpec:
     """The fields update() reads under `config`: single transitions (BATCH_SPEC) or chunks of chunk_size steps."""
-    return BATCH_SPEC if config.chunk_size == 1 else ChunkBatchSpec(keys=CHUNK_KEYS, chunk_size=config.chunk_size)
+    return BATCH_SPEC if config.chunk_size == 1 else BatchSpec(keys=CHUNK_KEYS, chunk_size=config.chunk_size)
 
 
 def _validate(config: Config) -> None:

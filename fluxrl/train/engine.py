@@ -253,14 +253,17 @@ class Trainer:
         self.total_steps = config.steps + config.online_steps
         spec = agent_batch_spec(self.agent, self.agent_config)
         self.fields = tuple(spec.keys)
+        self.chunk_size = getattr(spec, "chunk_size", 1)
         self.sample_options = tuple((k, getattr(spec, k)) for k in SAMPLE_OPTION_NAMES
                                     if getattr(spec, k, None) is not None)
+        if self.chunk_size == 1:  # the sampler's default: leave it out (the online replay has no chunk fields)
+            self.sample_options = tuple(o for o in self.sample_options if o[0] != "chunk_size")
         self.frame_stack = getattr(spec, "frame_stack", None) or 1
         self.batch_size = int(self.agent_config.batch_size)
         self.online = config.online_steps > 0
         self.from_scratch = config.steps == 0 and config.dataset is None
         if self.online:
-            if (getattr(spec, "chunk_size", None) or 1) > 1:
+            if self.chunk_size > 1:
                 raise FluxrlError("Action-chunked agents (chunk_size > 1) train offline only, because the online loop "
                                   "executes one action per step; pass --agent.chunk_size 1 to train online.")
             check_online_fields(self.fields)
