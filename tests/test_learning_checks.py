@@ -1,0 +1,68 @@
+"""benchmarks/learning_checks.py builds commands the CLI accepts: known agents, TrainConfig flags and agent
+Config fields, each fine-tuning run reading its own pre-training run, every dataset with a generator."""
+
+import dataclasses
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fluxrl.names import parse_dataset
+from fluxrl.train.config import TrainConfig, resolve_agent
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "learning_checks.py")
+spec = importlib.util.spec_from_file_location("learning_checks", SCRIPT)
+checks = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(checks)
+
+TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def flags(argv):
+    return {argv[i][2:]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
+
+
+@pytest.mark.parametrize("check", checks.CHECKS)
+def test_commands_use_known_agents_and_fields(check, tmp_path):
+    runs = checks.commands(check, "DATA", str(tmp_path), "cpu", None, None, None)
+    assert len(runs) >= 4 and len({d for d, _ in runs}) == len(runs)
+    for run_dir, argvs in runs:
+        assert argvs[-1][argvs[-1].index("--run_dir") + 1] == run_dir
+        for argv in argvs:
+            given = flags(argv)
+            assert given["dataset"].startswith("DATA" + os.sep)
+            if argv[0] == "finetune":
+                pretrain = argvs[0]
+                assert argv[1] == pretrain[pretrain.index("--run_dir") + 1]
+                assert set(given) <= TRAIN_FIELDS
+                continue
+            agent = resolve_agent(argv[1])
+            config_fields = {f.name for f in dataclasses.fields(agent.Config)}
+            for name in given:
+                assert name in TRAIN_FIELDS or (name.startswith("agent.") and name[6:] in config_fields), (argv, name)
+
+
+def test_overrides_and_selection(tmp_path):
+    runs = checks.commands("cube2", "DATA", str(tmp_path), "paper", 1000, 5, {"qam", "flowq_lam1"})
+    assert [os.path.basename(d) for d, _ in runs] == ["flowq_lam1", "qam"]
+    for _, [argv] in runs:
+        given = flags(argv)
+        assert (given["steps"], given["seeds"], given["preset"]) == ("1000", "5", "paper")
+    assert flags(runs[0][1][0])["agent.lam"] == "1.0"
+
+
+def test_every_dataset_has_a_generator():
+    for key in checks.DATASETS:
+        assert parse_dataset(checks.dataset_command(key, "DATA")[2]).split == "train"
+
+
+def test_dry_run_runs_nothing(tmp_path):
+    out = subprocess.run([sys.executable, SCRIPT, "maze3", "--data", str(tmp_path / "d"), "--runs",
+                          str(tmp_path / "r"), "--only", "bc", "--dry-run"], capture_output=True, text=True, check=True)
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("$ fluxrl data generate pointmaze-medium-navigate ")
+    assert lines[1].startswith("$ fluxrl train bc --task pointmaze-medium-navigate-singletask-task3 ")
+    assert not (tmp_path / "d").exists() and not (tmp_path / "r").exists()
