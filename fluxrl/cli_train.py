@@ -169,11 +169,10 @@ def _final_line(result) -> str:
     text = f"Finished {result.run_dir} at step {result.step}"
     if result.last_eval:
         rows = result.last_eval["rows"]
-        for name in ("evaluation/success", "evaluation/return"):
-            if name in rows[0]:
-                values = [r[name] for r in rows]
-                text += f"; {name} {sum(values) / len(values):.4g} (mean over {len(values)} seed(s))"
-                break
+        means = [f"{name} {sum(r[name] for r in rows) / len(rows):.4g}"
+                 for name in ("evaluation/success", "evaluation/return") if name in rows[0]]
+        if means:
+            text += f"; {', '.join(means)} (mean over {len(rows)} seed(s))"
     return text + "."
 
 

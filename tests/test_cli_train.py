@@ -129,7 +129,8 @@ def test_rerun_same_config_resumes_without_rewriting(trained, dataset, capsys):
     before = (trained / "train.csv").read_bytes()
     assert main(train_argv(trained, dataset, "--agent.lr", "0.1")) == 0  # already finished: nothing to do
     assert (trained / "train.csv").read_bytes() == before
-    assert "at step 40" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "at step 40" in out and "evaluation/return" in out and "(mean over 2 seed(s))" in out, out
     assert main(["train", "--resume", str(trained), "--quiet"]) == 0
     assert (trained / "train.csv").read_bytes() == before
 
