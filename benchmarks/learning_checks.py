@@ -45,6 +45,8 @@ WALKER_RUNS = {
     "rebrac": ("rebrac", ("--agent.alpha_actor", "0.3", "--agent.alpha_critic", "0.0"), None),
     "infom_kl0": ("infom", ("--agent.kl_weight", "0.0"), 3000),
     "infom_kl001": ("infom", ("--agent.kl_weight", "0.01"), 3000),
+    "infom_full_elbo": ("infom", ("--agent.encoder_gradient", "full_elbo"), 3000),
+    "infom_latent512": ("infom", ("--agent.latent_dim", "512"), 3000),
     "infom_pre10k": ("infom", (), 10000),
     "fom_pre10k": ("fom", (), 10000),
 }
