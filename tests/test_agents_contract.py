@@ -262,6 +262,11 @@ def test_registry():
         ("iql", "visual-cube-single-play-singletask-task1", {"alpha": 1.0}),
         ("rebrac", "humanoidmaze-medium-navigate-singletask", {"alpha_actor": 0.01, "alpha_critic": 0.01}),
         ("rebrac", "visual-cube-single-play-singletask-task1", {"alpha_actor": 1.0, "alpha_critic": 0.0}),
+        ("rebrac", "cube-single-play-singletask-task2", {"alpha_actor": 1.0, "alpha_critic": 1.0}),
+        ("rebrac", "cheetah-run-backward", {"alpha_actor": 0.1, "alpha_critic": 0.1}),
+        ("rebrac", "walker-stand", {"alpha_actor": 0.0, "alpha_critic": 0.0}),  # none published: defaults
+        ("iql", "cube-single-play-singletask-task5", {"alpha": 1.0}),
+        ("iql", "cheetah-walk", {"alpha": 1.0}),
     ],
 )
 def test_per_task_paper_values(agent, task, expected):

@@ -66,14 +66,17 @@ PRESETS = {
     "cpu": Config(actor_hidden=(256, 256), critic_hidden=(256, 256)),
 }
 
-# The official README's IQL commands (humanoidmaze-medium: alpha 10 with discount 0.995; visual-cube-single:
-# alpha 1). The FQL paper tuned IQL on more environments; those values are not in the code or README, so
+# The FQL README's IQL commands (humanoidmaze-medium: alpha 10 with discount 0.995; visual-cube-single: alpha 1)
+# and the InFOM README's baseline commands, which use the same agent (state-based cube-single and ExORL cheetah:
+# alpha 1). The FQL paper tuned IQL on more environments; those values are not in the code or READMEs, so
 # other tasks keep the defaults (discount 0.995 still applies to the long-horizon environments).
 TASK_VALUES = merge_tables(
     PAPER_DISCOUNTS,
     {
         "humanoidmaze-medium-navigate": {"alpha": 10.0},
         "visual-cube-single-play": {"alpha": 1.0},
+        "cube-single-play": {"alpha": 1.0},
+        "cheetah": {"alpha": 1.0},
     },
 )
 

@@ -73,14 +73,17 @@ PRESETS = {
     "cpu": Config(actor_hidden=(256, 256), critic_hidden=(256, 256)),
 }
 
-# The official README's ReBRAC commands (humanoidmaze-medium: 0.01 / 0.01 with discount 0.995;
-# visual-cube-single: 1 / 0). The FQL paper's other per-environment values are not in the code or README, so
+# The FQL README's ReBRAC commands (humanoidmaze-medium: 0.01 / 0.01 with discount 0.995; visual-cube-single:
+# 1 / 0) and the InFOM README's baseline commands, which use the same agent (state-based cube-single: 1 / 1;
+# ExORL cheetah: 0.1 / 0.1). The FQL paper's other per-environment values are not in the code or READMEs, so
 # other tasks keep the defaults (0 / 0: plain TD3 with LayerNorm) -- set alpha_actor / alpha_critic yourself.
 TASK_VALUES = merge_tables(
     PAPER_DISCOUNTS,
     {
         "humanoidmaze-medium-navigate": {"alpha_actor": 0.01, "alpha_critic": 0.01},
         "visual-cube-single-play": {"alpha_actor": 1.0, "alpha_critic": 0.0},
+        "cube-single-play": {"alpha_actor": 1.0, "alpha_critic": 1.0},
+        "cheetah": {"alpha_actor": 0.1, "alpha_critic": 0.1},
     },
 )
 
