@@ -157,6 +157,25 @@ def test_plot_writes_png(trained, tmp_path, dataset, capsys):
     one_error_line(capsys, "No run logged metric 'nope'")
 
 
+def test_plot_labels_split_runs_only_where_their_agent_configs_differ(tmp_path):
+    from fluxrl.train.plotting import run_labels
+
+    def fake_run(name, agent, lr, noise=0.1):
+        run = tmp_path / name
+        run.mkdir()
+        record = {"agent": agent, "train": {"task": "t", "preset": "cpu"},
+                  "agent_config": {"lr": lr, "noise": noise, "hidden": [8, 8]}}
+        (run / "config.json").write_text(json.dumps(record))
+        return str(run)
+
+    a, b, c, d = fake_run("a", "fql", 0.1), fake_run("b", "fql", 0.1), fake_run("c", "fql", 0.3), fake_run("d", "bc", 1.0)
+    labels = run_labels([a, b, c, d])
+    assert labels[a] == labels[b] == "fql / t (cpu) [lr=0.1]"  # same configuration: one curve
+    assert labels[c] == "fql / t (cpu) [lr=0.3]"
+    assert labels[d] == "bc / t (cpu)"  # the only bc run: nothing to tell apart
+    assert run_labels([a, b]) == {a: "fql / t (cpu)", b: "fql / t (cpu)"}
+
+
 def test_plot_band_is_a_bootstrap_interval_of_the_mean():
     from fluxrl.train.plotting import aggregate
 

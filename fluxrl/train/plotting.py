@@ -25,13 +25,29 @@ def _read_csv(path: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _run_label(run_dir: str) -> str:
+def _run_record(run_dir: str) -> dict:
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
         raise FluxrlError(f"{run_dir} is not a fluxrl run directory (no config.json).")
     with open(path) as f:
-        record = json.load(f)
-    return f"{record['agent']} / {record['train']['task']} ({record['train']['preset']})"
+        return json.load(f)
+
+
+def run_labels(run_dirs: list[str]) -> dict[str, str]:
+    """A curve label per run: agent / task (preset), plus the agent-config values that differ between runs of the
+    same agent, task and preset (e.g. a sweep), so only runs of one configuration share a curve."""
+    records = {d: _run_record(d) for d in run_dirs}
+    base = {d: f"{r['agent']} / {r['train']['task']} ({r['train']['preset']})" for d, r in records.items()}
+    labels = {}
+    for label in set(base.values()):
+        members = [d for d in run_dirs if base[d] == label]
+        configs = [records[d]["agent_config"] for d in members]
+        differing = sorted(k for k in set().union(*configs)
+                           if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1)
+        for d, config in zip(members, configs):
+            values = ", ".join(f"{k}={json.dumps(config.get(k))}" for k in differing)
+            labels[d] = f"{label} [{values}]" if values else label
+    return labels
 
 
 def run_curves(run_dir: str, metric: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -76,7 +92,7 @@ def plot_runs(run_dirs: list[str], out: str, metric: str | None = None, overwrit
         raise FluxrlError("Give at least one run directory to plot.")
     if os.path.exists(out) and not overwrite:
         raise FluxrlError(f"{out} already exists; refusing to overwrite it (pass --overwrite to replace it).")
-    labels = {d: _run_label(d) for d in run_dirs}
+    labels = run_labels(run_dirs)
     if metric is None:
         metric = next((m for m in DEFAULT_METRICS if any(run_curves(d, m) for d in run_dirs)), None)
         if metric is None:
