@@ -266,6 +266,9 @@ def test_registry():
         ("rebrac", "cheetah-run-backward", {"alpha_actor": 0.1, "alpha_critic": 0.1}),
         ("rebrac", "walker-stand", {"alpha_actor": 0.0, "alpha_critic": 0.0}),  # none published: defaults
         ("iql", "cube-single-play-singletask-task5", {"alpha": 1.0}),
+        ("flowq", "cube-single-play-singletask-task2", {"lam": 1.0}),  # IQL's alpha of the task
+        ("flowq", "humanoidmaze-medium-navigate-singletask", {"lam": 10.0, "discount": 0.995}),
+        ("flowq", "walker-stand", {"lam": 10.0}),
         ("iql", "cheetah-walk", {"alpha": 1.0}),
     ],
 )

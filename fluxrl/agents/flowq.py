@@ -34,8 +34,8 @@ Acting: flow_steps Euler steps of v from z ~ N(0, I), clipped to [-1, 1] (no gui
 deterministic=True starts from z = 0.
 
 Choices the paper leaves open (docs/flowq.md gives the reasons): the IQL critic (expectile 0.9, as the FQL
-repository's IQL), g from the mean of the two online critics, lam = 10 (the FQL repository's IQL AWR inverse
-temperature, whose optimal policy is the same tilt), 10 Euler steps at inference (as FQL), 4x512 networks,
+repository's IQL), g from the mean of the two online critics, lam = 10 and IQL's per-task values (IQL's AWR
+inverse temperature, whose optimal policy is the same tilt), 10 Euler steps at inference (as FQL), 4x512 networks,
 the moment-regression behaviour model, the straight schedule and the learnable schedule's objective.
 """
 
@@ -56,6 +56,7 @@ from fluxrl.agents.base import (
     copy_tree,
     create_state,
     example_dims,
+    merge_tables,
     policy_noise,
     step_with_targets,
     with_task_values,
@@ -94,9 +95,11 @@ PRESETS = {
     "cpu": Config(actor_hidden=(256, 256), critic_hidden=(256, 256), behavior_hidden=(256, 256)),
 }
 
-# No per-task values are published for FlowQ (its experiments are on D4RL; no code). The long-horizon OGBench
-# environments get the discount every other agent of this project uses there (FQL README).
-TASK_VALUES = PAPER_DISCOUNTS
+# No per-task values are published for FlowQ (its experiments are on D4RL; no code). lam is IQL's per-task AWR
+# inverse temperature (the same tilted target; 1 on cube-single, where lam = 1 beat lam = 10, docs/results.md),
+# and the long-horizon OGBench environments get the discount every other agent here uses there (FQL README).
+TASK_VALUES = merge_tables(
+    PAPER_DISCOUNTS, {key: {"lam": values["alpha"]} for key, values in iql.TASK_VALUES.items() if "alpha" in values})
 
 
 def for_task(config: Config, task_name: str | None, preset: str) -> Config:
