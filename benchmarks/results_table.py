@@ -2,7 +2,7 @@
 
 Usage: .venv/bin/python benchmarks/results_table.py RUN_DIR... [--metric evaluation/success]
 
-One row per run: agent, preset, task, dataset file, seeds, the metric's mean over seeds at every evaluation step,
+One row per run: agent (with the agent-config values that differ between runs of that agent), preset, task, dataset file, seeds, the metric's mean over seeds at every evaluation step,
 and the final value as mean ± standard deviation over seeds with the per-seed values.
 """
 
@@ -14,10 +14,10 @@ import os
 
 import numpy as np
 
-from fluxrl.train.plotting import run_curves
+from fluxrl.train.plotting import config_differences, run_curves
 
 
-def row(run_dir: str, metric: str) -> tuple[list[int], str]:
+def row(run_dir: str, metric: str, differences: str) -> tuple[list[int], str]:
     with open(os.path.join(run_dir, "config.json")) as f:
         record = json.load(f)
     train = record["train"]
@@ -28,7 +28,8 @@ def row(run_dir: str, metric: str) -> tuple[list[int], str]:
     by_step = {int(t): [float(v[list(s).index(t)]) for s, v in curves.values()] for t in steps}
     final = by_step[steps[-1]]
     means = " → ".join(f"{np.mean(by_step[t]):.2f}" for t in steps)
-    text = (f"| {record['agent']} | {train['preset']} | {train['task']} | {os.path.basename(train['dataset'] or '')} "
+    label = record["agent"] + (f" [{differences}]" if differences else "")
+    text = (f"| {label} | {train['preset']} | {train['task']} | {os.path.basename(train['dataset'] or '')} "
             f"| {len(curves)} | {means} | {np.mean(final):.2f} ± {np.std(final):.2f} "
             f"({', '.join(f'{x:.2f}' for x in final)}) |")
     return steps, text
@@ -39,7 +40,8 @@ def main() -> None:
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--metric", default="evaluation/success")
     args = parser.parse_args()
-    rows = [row(r, args.metric) for r in args.runs]
+    differences = config_differences(args.runs)
+    rows = [row(r, args.metric, differences[r]) for r in args.runs]
     steps = sorted({tuple(s) for s, _ in rows})
     print(f"{args.metric} at steps {'; '.join(', '.join(str(t) for t in s) for s in steps)}\n")
     print("| agent | preset | task | dataset | seeds | mean over seeds at each evaluation | final (mean ± std over "

@@ -33,20 +33,31 @@ def _run_record(run_dir: str) -> dict:
         return json.load(f)
 
 
-def run_labels(run_dirs: list[str]) -> dict[str, str]:
-    """A curve label per run: agent / task (preset), plus the agent-config values that differ between runs of the
-    same agent, task and preset (e.g. a sweep), so only runs of one configuration share a curve."""
+def config_differences(run_dirs: list[str]) -> dict[str, str]:
+    """Per run, the agent-config values ("k=v, ...") that differ between the given runs of the same agent, task and
+    preset (e.g. a sweep); "" where nothing tells a run apart from the others of its kind."""
     records = {d: _run_record(d) for d in run_dirs}
-    base = {d: f"{r['agent']} / {r['train']['task']} ({r['train']['preset']})" for d, r in records.items()}
-    labels = {}
-    for label in set(base.values()):
-        members = [d for d in run_dirs if base[d] == label]
+    kind = {d: (r["agent"], r["train"]["task"], r["train"]["preset"]) for d, r in records.items()}
+    out = {}
+    for k in set(kind.values()):
+        members = [d for d in run_dirs if kind[d] == k]
         configs = [records[d]["agent_config"] for d in members]
-        differing = sorted(k for k in set().union(*configs)
-                           if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1)
+        differing = sorted(key for key in set().union(*configs)
+                           if len({json.dumps(c.get(key), sort_keys=True) for c in configs}) > 1)
         for d, config in zip(members, configs):
-            values = ", ".join(f"{k}={json.dumps(config.get(k))}" for k in differing)
-            labels[d] = f"{label} [{values}]" if values else label
+            out[d] = ", ".join(f"{key}={json.dumps(config.get(key))}" for key in differing)
+    return out
+
+
+def run_labels(run_dirs: list[str]) -> dict[str, str]:
+    """A curve label per run: agent / task (preset) [differing config values], so only runs of one configuration
+    share a curve."""
+    differences = config_differences(run_dirs)
+    labels = {}
+    for d in run_dirs:
+        r = _run_record(d)
+        label = f"{r['agent']} / {r['train']['task']} ({r['train']['preset']})"
+        labels[d] = f"{label} [{differences[d]}]" if differences[d] else label
     return labels
 
 
