@@ -303,7 +303,9 @@ def test_bad_config_raises_one_clear_error(changes, fragment):
 def test_presets_and_task_values():
     humanoid = flowq.for_task(flowq.PRESETS["paper"], "humanoidmaze-medium-navigate-singletask-task1", "paper")
     assert humanoid.discount == 0.995
-    assert flowq.for_task(flowq.PRESETS["cpu"], "cube-single-play-singletask-task2", "cpu") == flowq.PRESETS["cpu"]
+    assert flowq.for_task(flowq.PRESETS["cpu"], "cube-double-play-singletask-task2", "cpu") == flowq.PRESETS["cpu"]
+    cube_single = flowq.for_task(flowq.PRESETS["cpu"], "cube-single-play-singletask-task2", "cpu")
+    assert cube_single == dataclasses.replace(flowq.PRESETS["cpu"], lam=1.0)  # IQL's alpha on cube-single
     assert flowq.PRESETS["cpu"].actor_hidden == (256, 256) and flowq.PRESETS["paper"].schedule == "straight"
 
 
