@@ -38,7 +38,8 @@ OFFLINE_CHECKS = {
 }
 WALKER = {"task": "walker-stand", "pretrain_steps": 3000, "steps": 3000, "seeds": 3,
           "schedule": {"eval_interval": 1000, "eval_episodes": 5, "log_interval": 500}}
-# run name -> (agent, pre-training flags, pre-training steps or None to train without pre-training)
+# run name -> (agent, agent flags (given to pre-training, which fine-tuning inherits), pre-training steps or None
+# to train on the reward-labelled data without pre-training)
 WALKER_RUNS = {
     "infom": ("infom", (), 3000),
     "fom": ("fom", (), 3000),

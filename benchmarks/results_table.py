@@ -2,8 +2,9 @@
 
 Usage: .venv/bin/python benchmarks/results_table.py RUN_DIR... [--metric evaluation/success]
 
-One row per run: agent (with the agent-config values that differ between runs of that agent), preset, task, dataset file, seeds, the metric's mean over seeds at every evaluation step,
-and the final value as mean ± standard deviation over seeds with the per-seed values.
+One row per run: agent (with the agent-config values that differ between runs of that agent), preset, task,
+dataset file, seeds, the metric's mean over seeds at every evaluation step, and the final value as mean ± standard
+deviation over seeds with the per-seed values.
 """
 
 from __future__ import annotations
