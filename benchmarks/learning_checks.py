@@ -36,7 +36,7 @@ OFFLINE_CHECKS = {
     "cube2": ("cube", "cube-single-play-singletask-task2", 30000, 3, SPARSE, EXTRACTION),
     "maze3": ("maze", "pointmaze-medium-navigate-singletask-task3", 20000, 3, SPARSE, EXTRACTION),
 }
-WALKER = {"task": "walker-stand", "pretrain_steps": 3000, "steps": 3000, "seeds": 3,
+WALKER = {"task": "walker-stand", "steps": 3000, "seeds": 3,
           "schedule": {"eval_interval": 1000, "eval_episodes": 5, "log_interval": 500}}
 # run name -> (agent, agent flags (given to pre-training, which fine-tuning inherits), pre-training steps or None
 # to train on the reward-labelled data without pre-training)

@@ -36,11 +36,14 @@ def _run_record(run_dir: str) -> dict:
 def config_differences(run_dirs: list[str]) -> dict[str, str]:
     """Per run, the agent-config values ("k=v, ...") that differ between the given runs of the same agent, task and
     preset (e.g. a sweep); "" where nothing tells a run apart from the others of its kind."""
-    records = {d: _run_record(d) for d in run_dirs}
+    return _differences({d: _run_record(d) for d in run_dirs})
+
+
+def _differences(records: dict[str, dict]) -> dict[str, str]:
     kind = {d: (r["agent"], r["train"]["task"], r["train"]["preset"]) for d, r in records.items()}
     out = {}
     for k in set(kind.values()):
-        members = [d for d in run_dirs if kind[d] == k]
+        members = [d for d in records if kind[d] == k]
         configs = [records[d]["agent_config"] for d in members]
         differing = sorted(key for key in set().union(*configs)
                            if len({json.dumps(c.get(key), sort_keys=True) for c in configs}) > 1)
@@ -52,10 +55,10 @@ def config_differences(run_dirs: list[str]) -> dict[str, str]:
 def run_labels(run_dirs: list[str]) -> dict[str, str]:
     """A curve label per run: agent / task (preset) [differing config values], so only runs of one configuration
     share a curve."""
-    differences = config_differences(run_dirs)
+    records = {d: _run_record(d) for d in run_dirs}
+    differences = _differences(records)
     labels = {}
-    for d in run_dirs:
-        r = _run_record(d)
+    for d, r in records.items():
         label = f"{r['agent']} / {r['train']['task']} ({r['train']['preset']})"
         labels[d] = f"{label} [{differences[d]}]" if differences[d] else label
     return labels
