@@ -18,8 +18,8 @@ import optax
 import pytest
 
 from fluxrl.data.dataset import save_npz
-from fluxrl.data.sampler import Sampler
-from fluxrl.errors import FluxrlError
+from fluxrl.agents.base import BatchSpec
+from fluxrl.data.sampler import CHUNK_FIELDS, Sampler
 from fluxrl.train import TrainConfig, Trainer, TrainingDiverged, external
 from fluxrl.train.checkpoint import Checkpointer
 from fluxrl.train.engine import Carry, empty_accumulator, make_offline_chunk, seed_keys
@@ -324,6 +324,121 @@ def test_replay_mix_proportions():
     assert set(np.unique(np.asarray(scratch["observations"][..., 0]))) <= {-100.0 - i for i in range(40)}
 
 
+def _reference_chunks(data, size, pointer, capacity, offset, h):
+    """The chunk fields at insertion-order offset `offset`, step by step (numpy): rows offset .. offset+h-1, a step
+    after an episode end or past the stored rows is invalid and repeats the last valid row."""
+    oldest = (pointer - size) % capacity
+    valid, rows = [], []
+    for t in range(h):
+        ok = offset + t < size and (t == 0 or (valid[-1] and data["terminals"][rows[-1]] < 0.5))
+        valid.append(ok)
+        rows.append((oldest + offset + t) % capacity if ok else rows[-1])
+    return rows, np.asarray(valid, np.float32)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["filling", "wrapped"])
+def test_replay_chunks_match_a_step_by_step_reference(wrapped):
+    """Chunks from the online buffer: H stored steps from rows in insertion order (across the ring's wrap), cut at
+    episode ends (valid 0 after, the last valid row repeated), never reading past the newest row."""
+    h, capacity = 4, 23
+    rng = np.random.default_rng(0)
+    buffer = ReplayBuffer.create(1, capacity, (OBS_DIM,), jnp.float32, ACT_DIM)
+    add = jax.jit(ReplayBuffer.add)
+    count = 37 if wrapped else 17
+    for i in range(count):
+        obs = jnp.full((1, OBS_DIM), float(i))
+        buffer = add(buffer, {"observations": obs, "next_observations": obs + 0.5,
+                              "actions": jnp.full((1, ACT_DIM), float(i)), "rewards": jnp.full(1, -float(i)),
+                              "masks": jnp.ones(1), "terminals": jnp.full(1, float(rng.random() < 0.3))})
+    fields = ("observations",) + CHUNK_FIELDS
+    batch = jax.jit(buffer.sample_seed, static_argnums=(2, 3, 4))(
+        jax.tree_util.tree_map(lambda x: x[0], buffer.data), jax.random.key(3), 400, fields, h)
+    data = jax.tree_util.tree_map(lambda x: np.asarray(x[0]), buffer.data)
+    batch = jax.tree_util.tree_map(np.asarray, batch)
+    size, pointer = int(buffer.size), int(buffer.pointer)
+    first_rows = {int(data["observations"][r, 0]): r for r in range(size)}
+    oldest_index = count - size  # the transition index stored at insertion offset 0
+    seen = set()
+    for b in range(400):
+        offset = int(batch["observations"][b, 0]) - oldest_index
+        assert 0 <= offset <= size - h  # only rows whose h steps are all stored
+        seen.add(offset)
+        rows, valid = _reference_chunks(data, size, pointer, capacity, offset, h)
+        assert first_rows[oldest_index + offset] == rows[0]
+        np.testing.assert_array_equal(batch["valid_chunk"][b], valid)
+        for f in ("actions", "rewards", "masks", "next_observations"):
+            np.testing.assert_array_equal(batch[f + "_chunk"][b], data[f][rows])
+    assert seen == set(range(size - h + 1))  # every eligible start is drawn (400 draws, <= 20 starts)
+    assert 0 < np.mean(np.asarray(batch["valid_chunk"][:, -1])) < 1  # some chunks cross an episode end
+    # Fewer stored rows than h (the first online steps): steps past the newest row are invalid.
+    short = ReplayBuffer.create(1, capacity, (OBS_DIM,), jnp.float32, ACT_DIM)
+    for i in range(2):
+        obs = jnp.full((1, OBS_DIM), float(i))
+        short = add(short, {"observations": obs, "next_observations": obs, "actions": jnp.zeros((1, ACT_DIM)),
+                            "rewards": jnp.zeros(1), "masks": jnp.ones(1), "terminals": jnp.zeros(1)})
+    few = short.sample_seed(jax.tree_util.tree_map(lambda x: x[0], short.data), jax.random.key(0), 8, fields, h)
+    np.testing.assert_array_equal(few["valid_chunk"], np.tile([1.0, 1.0, 0.0, 0.0], (8, 1)))
+    np.testing.assert_array_equal(few["next_observations_chunk"][:, :, 0], np.tile([0.0, 1.0, 1.0, 1.0], (8, 1)))
+
+
+def _chunking_agent(h: int) -> types.ModuleType:
+    """The tiny agent acting in chunks of h actions: row t of a chunk is (the policy's first action coordinate,
+    a marker -0.9 + 0.3 t), so the replay buffer shows which chunk row each env step executed. It learns from the
+    first step of each sampled chunk."""
+    agent = types.ModuleType(f"chunking_agent_{h}")
+    agent.__dict__.update({k: v for k, v in globals().items() if not k.startswith("__")})
+    agent.BATCH_SPEC = BatchSpec(keys=("observations",) + CHUNK_FIELDS, chunk_size=h)
+
+    def first_step(batch):
+        return {"observations": batch["observations"], "actions": batch["actions_chunk"][:, 0],
+                "rewards": batch["rewards_chunk"][:, 0], "masks": batch["masks_chunk"][:, 0],
+                "next_observations": batch["next_observations_chunk"][:, 0]}
+
+    agent.init = lambda key, example, config: init(key, first_step(example), config)
+    agent.update = lambda state, batch, key: update(state, first_step(batch), key)
+    agent.loss_metrics = lambda state, batch, key: loss_metrics(state, first_step(batch), key)
+
+    def act_chunk(state, observations, key, deterministic=False):
+        first = act(state, observations, key, deterministic)[..., :1]  # (batch, 1)
+        markers = -0.9 + 0.3 * jnp.arange(h, dtype=jnp.float32)
+        return jnp.stack([jnp.broadcast_to(first, first.shape[:-1] + (h,)),
+                          jnp.broadcast_to(markers, first.shape[:-1] + (h,))], axis=-1)  # (batch, h, 2)
+
+    agent.act = act_chunk
+    return agent
+
+
+def test_online_chunks_run_open_loop_restart_at_episode_ends_and_resume(tmp_path, dataset, fakes, monkeypatch):
+    """Each seed executes its chunk row by row (markers 0, 1, 2, 0, ...) with the action chosen when the chunk was
+    (one policy answer per chunk), and starts a new chunk with every episode. Stopped mid-chunk and mid-episode,
+    the run resumes with its pending chunk and position and ends bit-identical to the uninterrupted run."""
+    h, online_steps = 3, 30
+    agent = _chunking_agent(h)
+    kw = dict(seeds=2, steps=10, online_steps=online_steps, log_interval=5, save_interval=14, eval_episodes=0)
+    straight = Trainer(agent, config(tmp_path, dataset, run_dir=str(tmp_path / "a"), **kw))
+    straight.run()
+    assert np.all(np.asarray(straight.carry.agent.step) == 10 + online_steps)  # updates from chunks of the mix
+    assert straight.carry.pending_action.shape == (2, h, ACT_DIM)
+    data = jax.tree_util.tree_map(np.asarray, straight.carry.buffer.data)
+    for seed in range(2):
+        position, chunk_first, ends = 0, None, 0
+        for t in range(online_steps):
+            action = data["actions"][seed, t]
+            np.testing.assert_allclose(action[1], -0.9 + 0.3 * position, atol=1e-6)
+            if position == 0:
+                chunk_first = action[0]
+            assert action[0] == chunk_first  # open loop: the whole chunk came from one policy answer
+            ended = data["terminals"][seed, t] > 0.5
+            ends += ended
+            position = 0 if ended or position == h - 1 else position + 1
+        assert ends >= 3  # the restart at episode ends was exercised (episodes of at most 8 steps)
+
+    resumed, killed = _run_killed_after_save_then_resume(agent, tmp_path, dataset, monkeypatch, kw, kill_step=28)
+    assert any(p != 0 for p in killed["host"]["chunk_position"])  # killed mid-chunk
+    assert_trees_equal(straight.carry, resumed.carry)
+    assert straight.host == resumed.host
+
+
 @pytest.mark.parametrize("balanced", [False, True])
 def test_offline_to_online(tmp_path, dataset, fakes, balanced):
     cfg = config(tmp_path, dataset, seeds=2, steps=20, online_steps=30, balanced_sampling=balanced,
@@ -371,6 +486,27 @@ class _Killed(Exception):
     pass
 
 
+def _run_killed_after_save_then_resume(agent, tmp_path, dataset, monkeypatch, kw, kill_step: int):
+    """Train into tmp_path/b until the checkpoint of kill_step is written, stop there as a killed process would,
+    then resume in a new Trainer to the end. Returns (the resumed Trainer, the killed checkpoint's metadata)."""
+    real_save, killed = Checkpointer.save, {}
+
+    def save_then_die(self, step, tree, meta):
+        real_save(self, step, tree, meta)
+        if step == kill_step:
+            killed.update(meta)
+            raise _Killed
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_die)
+    with pytest.raises(_Killed):
+        Trainer(agent, config(tmp_path, dataset, run_dir=str(tmp_path / "b"), **kw)).run()
+    monkeypatch.setattr(Checkpointer, "save", real_save)
+    resumed = Trainer(agent, config(tmp_path, dataset, run_dir=str(tmp_path / "b"), **kw))
+    assert resumed.resuming
+    resumed.run()
+    return resumed, killed
+
+
 def test_online_resume_is_bit_identical(tmp_path, dataset, fakes, monkeypatch):
     """An online run stopped right after a checkpoint, mid-episode, resumes by replaying the env's episode and
     ends exactly where the uninterrupted run ends."""
@@ -378,20 +514,8 @@ def test_online_resume_is_bit_identical(tmp_path, dataset, fakes, monkeypatch):
     straight = Trainer(__name__, config(tmp_path, dataset, run_dir=str(tmp_path / "a"), **kw))
     straight.run()
 
-    real_save = Checkpointer.save
-
-    def save_then_die(self, step, tree, meta):
-        real_save(self, step, tree, meta)
-        if step == 26:  # 16 online steps: both envs are mid-episode (length 8 unless success)
-            raise _Killed
-
-    monkeypatch.setattr(Checkpointer, "save", save_then_die)
-    with pytest.raises(_Killed):
-        Trainer(__name__, config(tmp_path, dataset, run_dir=str(tmp_path / "b"), **kw)).run()
-    monkeypatch.setattr(Checkpointer, "save", real_save)
-    resumed = Trainer(__name__, config(tmp_path, dataset, run_dir=str(tmp_path / "b"), **kw))
-    assert resumed.resuming
-    resumed.run()
+    # killed after 16 online steps: both envs are mid-episode (length 8 unless success)
+    resumed, _ = _run_killed_after_save_then_resume(__name__, tmp_path, dataset, monkeypatch, kw, kill_step=26)
     assert_trees_equal(straight.carry, resumed.carry)
     assert straight.host == resumed.host
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
@@ -465,13 +589,9 @@ def test_registered_agent_offline_to_online_export_and_load(name, tmp_path, data
                  if isinstance(getattr(agent_config, f.name), tuple)
                  and all(isinstance(x, int) for x in getattr(agent_config, f.name))}
     agent_config = dataclasses.replace(agent_config, batch_size=16, **tiny_nets)
-    # Agents reading fields an online replay cannot give (InFOM's next_actions) train offline only.
-    try:
-        check_online_fields(tuple(agent_batch_spec(agent, agent_config).keys))  # QAM's chunks: offline only
-        online_steps = 5
-    except FluxrlError:
-        online_steps = 0
-    if getattr(agent_config, "obs_norm", "none") != "none" and online_steps:
+    check_online_fields(tuple(agent_batch_spec(agent, agent_config).keys))  # every agent trains online (QAM: H = 5)
+    online_steps = 5
+    if getattr(agent_config, "obs_norm", "none") != "none":
         agent_config = dataclasses.replace(agent_config, obs_norm="none")
     cfg = config(tmp_path, dataset, seeds=2, steps=10, online_steps=online_steps, log_interval=5,
                  eval_interval=10 + online_steps, eval_episodes=1, save_interval=10 + online_steps)

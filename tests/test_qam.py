@@ -452,17 +452,17 @@ def test_chunked_init_needs_the_chunk_field():
     assert spec.chunk_size == 3 and "valid_chunk" in spec.keys and "actions" not in spec.keys
 
 
-def test_engine_refuses_online_training_with_chunks(tmp_path):
-    """Online steps execute one action per step: a chunked QAM (the cube task's default H = 5, or an explicit
-    chunk_size) is refused in the Trainer's constructor; chunk_size 1 is accepted."""
+def test_trainer_reads_chunks_offline_and_online(tmp_path):
+    """A chunked QAM (the cube task's default H = 5, or an explicit chunk_size) samples chunk fields of length H
+    from the dataset offline and from the offline/online mix online (the open-loop execution and the replay's
+    chunks are tested in tests/test_engine.py; the registered-agent test runs QAM online with H = 5); chunk_size 1
+    reads plain transitions."""
     dataset = str(tmp_path / "data.npz")
     save_npz(dataset, tiny.synthetic_data(4, seed=0))
     cfg = TrainConfig(task=tiny.TASK, dataset=dataset, steps=2, online_steps=3, run_dir=str(tmp_path / "run"))
     assert agents.make_config("qam", "cpu", tiny.TASK).chunk_size == 5
-    with pytest.raises(FluxrlError, match="--agent.chunk_size 1"):
-        Trainer("qam", cfg)
-    with pytest.raises(FluxrlError, match="offline only"):
-        Trainer("qam", cfg, small_config(chunk_size=2))
+    online = Trainer("qam", cfg)
+    assert online.fields == qam.CHUNK_KEYS and ("chunk_size", 5) in online.sample_options
     assert Trainer("qam", cfg, small_config()).fields == qam.BATCH_SPEC.keys
     offline = Trainer("qam", dataclasses.replace(cfg, online_steps=0), small_config(chunk_size=2))
     assert offline.fields == qam.CHUNK_KEYS and ("chunk_size", 2) in offline.sample_options

@@ -39,10 +39,10 @@ terminal law pi_beta exp(inv_temp Q) / Z (Domingo-Enrich et al., 2025). tests/te
 the closed form for Gaussian behaviour with linear and quadratic Q.
 
 Deviations from the official code (see docs/qam.md):
-- Chunks (H > 1) train offline only: the engine refuses online steps with them (the official online phase
-  executes chunks open loop through an action queue). A chunk starts at any dataset row and repeats its episode's
-  last row past the end (the official sampler starts among the first size - H + 1 rows and reads on into the
-  next episode); either way such a chunk has valid = 0 and drops out of L_Q and L_BC.
+- A dataset chunk starts at any row and repeats its episode's last row past the end (the official sampler starts
+  among the first size - H + 1 rows and reads on into the next episode); either way such a chunk has valid = 0
+  and drops out of L_Q and L_BC. Online, chunks run open loop through a per-seed action queue, as the official
+  online phase (fluxrl/train/engine.py).
 - Only plain QAM: the QAM-F (one-step distillation) and QAM-E (edit policy) variants, the `residual`
   parameterisation and best-of-n sampling (default n = 1, a no-op) are not implemented.
 - Gradient routing is explicit (stop_gradient on every rollout quantity, the targets, the frozen critic).

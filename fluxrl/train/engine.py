@@ -9,6 +9,8 @@ offline phase   `lax.scan` fuses up to `updates_per_call` updates into one compi
                 the device and read only at log time.
 online phase    per step: act (on device) -> one env step per seed (host) -> append to the on-device replay
                 buffer -> one update from the offline/online mix -> the next action, in one compiled call.
+                An action-chunking agent's chunk is executed open loop, one action per step, and replaced when
+                it is used up or its episode ends (the official Q-chunking action queue).
 boundaries      log (training means over the interval + validation losses on the -val split), evaluate (step 0,
                 every eval_interval, end), checkpoint (every save_interval, end). A non-finite loss stops the run
                 before any checkpoint could store it.
@@ -73,7 +75,9 @@ class Carry(flax.struct.PyTreeNode):
     key: jax.Array  # (seeds,) keys driving sampling, updates and exploration
     acc: dict  # metric sums since the last log, their count, the first step with a non-finite metric per seed
     buffer: ReplayBuffer | None = None
-    pending_action: jax.Array | None = None  # (seeds, action_dim): the action of the next online env step
+    # (seeds, action_dim): the action of the next online env step; (seeds, H, action_dim) for an H-action chunk
+    # agent, whose next action is row host["chunk_position"] of it
+    pending_action: jax.Array | None = None
 
 
 @dataclasses.dataclass
@@ -145,18 +149,22 @@ def make_offline_chunk(agent: types.ModuleType, batch_size: int, fields: tuple, 
     return jax.jit(chunk, static_argnames="length")
 
 
-def _next_action(agent, state, key, observations, random: bool, action_dim: int):
-    if random:  # warm-up: uniform actions in [-1, 1]
-        return jax.vmap(lambda k: jax.random.uniform(k, (action_dim,), minval=-1.0, maxval=1.0))(key)
+def _next_action(agent, state, key, observations, random: bool, action_dim: int, chunk_size: int):
+    if random:  # warm-up: uniform actions (or chunks of them) in [-1, 1]
+        shape = (action_dim,) if chunk_size == 1 else (chunk_size, action_dim)
+        return jax.vmap(lambda k: jax.random.uniform(k, shape, minval=-1.0, maxval=1.0))(key)
     return jax.vmap(lambda s, o, k: agent.act(s, o[None], k, deterministic=False)[0])(state, observations, key)
 
 
 @functools.lru_cache(maxsize=None)
-def make_online_step(agent, batch_size: int, fields: tuple, sample_options: tuple, balanced: bool, action_dim: int):
-    """step(carry, sampler|None, transition, observations, step) -> carry: store the transition, update (unless
-    warm-up), choose the next action for `observations` (the post-reset observation after an episode end)."""
+def make_online_step(agent, batch_size: int, fields: tuple, sample_options: tuple, balanced: bool, action_dim: int,
+                     chunk_size: int = 1):
+    """step(carry, sampler|None, transition, observations, refresh, step) -> carry: store the transition, update
+    (unless warm-up), choose the next action for `observations` (the post-reset observation after an episode end).
+    With chunks (chunk_size > 1) only the seeds with refresh[i] take the new chunk; the others keep theirs."""
 
-    def step_fn(carry: Carry, sampler, transition, observations, step, update: bool, random_next: bool) -> Carry:
+    def step_fn(carry: Carry, sampler, transition, observations, refresh, step, update: bool,
+                random_next: bool) -> Carry:
         buffer = carry.buffer.add(transition)
         keys = jax.vmap(lambda k: jax.random.split(k, 4))(carry.key)
         state, acc = carry.agent, carry.acc
@@ -164,17 +172,19 @@ def make_online_step(agent, batch_size: int, fields: tuple, sample_options: tupl
             batch = mixed_sample(sampler, buffer, keys[:, 1], batch_size, fields, balanced, sample_options)
             state, metrics = jax.vmap(agent.update)(state, batch, keys[:, 2])
             acc = _accumulate(acc, metrics, step)
-        action = _next_action(agent, state, keys[:, 3], observations, random_next, action_dim)
+        action = _next_action(agent, state, keys[:, 3], observations, random_next, action_dim, chunk_size)
+        if chunk_size > 1:
+            action = jnp.where(refresh[:, None, None], action, carry.pending_action)
         return carry.replace(agent=state, key=keys[:, 0], acc=acc, buffer=buffer, pending_action=action)
 
     return jax.jit(step_fn, static_argnames=("update", "random_next"))
 
 
 @functools.lru_cache(maxsize=None)
-def make_first_action(agent, action_dim: int):
+def make_first_action(agent, action_dim: int, chunk_size: int = 1):
     def first(carry: Carry, observations, random: bool) -> Carry:
         keys = jax.vmap(jax.random.split)(carry.key)
-        action = _next_action(agent, carry.agent, keys[:, 1], observations, random, action_dim)
+        action = _next_action(agent, carry.agent, keys[:, 1], observations, random, action_dim, chunk_size)
         return carry.replace(key=keys[:, 0], pending_action=action)
 
     return jax.jit(first, static_argnames="random")
@@ -263,9 +273,6 @@ class Trainer:
         self.online = config.online_steps > 0
         self.from_scratch = config.steps == 0 and config.dataset is None
         if self.online:
-            if self.chunk_size > 1:
-                raise FluxrlError("Action-chunked agents (chunk_size > 1) train offline only, because the online loop "
-                                  "executes one action per step; pass --agent.chunk_size 1 to train online.")
             check_online_fields(self.fields)
             if self.frame_stack > 1:
                 raise FluxrlError("Frame-stacked agents train offline only: the online replay stores single frames.")
@@ -403,7 +410,8 @@ class Trainer:
             else:
                 obs_shape, obs_dtype = self.obs_space.shape, _obs_dtype(self.obs_space)
             buffer = ReplayBuffer.create(len(self.seeds), capacity, obs_shape, obs_dtype, self.action_dim)
-            pending = jnp.zeros((len(self.seeds), self.action_dim), jnp.float32)
+            chunk_shape = (self.chunk_size,) if self.chunk_size > 1 else ()
+            pending = jnp.zeros((len(self.seeds),) + chunk_shape + (self.action_dim,), jnp.float32)
         return Carry(agent=state, key=seed_keys(self.seeds, 1), acc=empty_accumulator(metric_shapes, len(self.seeds)),
                      buffer=buffer, pending_action=pending)
 
@@ -518,8 +526,8 @@ class Trainer:
             self.row_act_eval = lambda state, observations, keys: row_act(state, (observations - mean) / std, keys)
         if self.online:
             self.online_step = make_online_step(self.agent, self.batch_size, self.fields, self.sample_options,
-                                                self.cfg.balanced_sampling, self.action_dim)
-            self.first_action = make_first_action(self.agent, self.action_dim)
+                                                self.cfg.balanced_sampling, self.action_dim, self.chunk_size)
+            self.first_action = make_first_action(self.agent, self.action_dim, self.chunk_size)
 
     def _next_boundary(self, step: int) -> int:
         cfg = self.cfg
@@ -658,6 +666,7 @@ class Trainer:
             "episode": [0] * n,  # index of the current episode of each seed's env
             "episode_step": [0] * n,
             "episode_return": [0.0] * n,
+            "chunk_position": [0] * n,  # the row of the pending chunk executed next (chunking agents)
             "window": [_empty_window() for _ in range(n)],  # exploration stats since the last log
         }
 
@@ -687,6 +696,7 @@ class Trainer:
                         f"mismatch or episode longer than the buffer); it starts a new episode.")
                     self.host["episode"][i] += 1
                     self.host["episode_step"][i], self.host["episode_return"][i] = 0, 0.0
+                    self.host["chunk_position"][i] = 0  # the pending chunk was chosen in the abandoned episode
                     observation = self._reset_env(i)
             observations.append(observation)
         return observations
@@ -695,15 +705,18 @@ class Trainer:
         cfg, host = self.cfg, self.host
         if self.online_agent_config is not None:  # the agent's own online-phase values (e.g. GFP's eta_online)
             self.carry = self.carry.replace(agent=self.carry.agent.replace(config=self.online_agent_config))
+        n, chunked = len(self.seeds), self.chunk_size > 1
+        host.setdefault("chunk_position", [0] * n)  # checkpoints written before chunked online training
         dtype = self.carry.buffer.data["observations"].dtype
         observations = [np.asarray(o, dtype) for o in self._restore_envs()]
         if self.step == cfg.steps:
             self.carry = self.first_action(self.carry, jnp.asarray(np.stack(observations)),
                                            random=self.warmup > 0)
-        n = len(self.seeds)
         while self.step < self.total_steps:
             online_index = self.step - cfg.steps
-            actions = np.asarray(self.carry.pending_action)
+            pending = np.asarray(self.carry.pending_action)
+            actions = [pending[i, host["chunk_position"][i]] if chunked else pending[i] for i in range(n)]
+            refresh = np.ones(n, bool)
             transition = {k: [] for k in ("observations", "actions", "rewards", "masks", "terminals",
                                           "next_observations")}
             for i in range(n):
@@ -715,6 +728,11 @@ class Trainer:
                     transition[k].append(v)
                 host["episode_step"][i] += 1
                 host["episode_return"][i] += float(reward)
+                host["chunk_position"][i] += 1
+                if host["chunk_position"][i] == self.chunk_size or terminated or truncated:
+                    host["chunk_position"][i] = 0  # the chunk is used up or its episode is over: ask for a new one
+                else:
+                    refresh[i] = False
                 if terminated or truncated:
                     _record_episode(host["window"][i], host["episode_return"][i], host["episode_step"][i], info)
                     host["episode"][i] += 1
@@ -724,7 +742,8 @@ class Trainer:
             batch = {k: jnp.asarray(np.stack(v).astype(np.float32) if k not in ("observations", "next_observations")
                                     else np.stack(v)) for k, v in transition.items()}
             self.carry = self.online_step(
-                self.carry, self.sampler, batch, jnp.asarray(np.stack(observations)), jnp.int32(self.step),
+                self.carry, self.sampler, batch, jnp.asarray(np.stack(observations)), jnp.asarray(refresh),
+                jnp.int32(self.step),
                 update=online_index >= self.warmup, random_next=online_index + 1 < self.warmup)
             self.step += 1
             self.progress.advance(1)
