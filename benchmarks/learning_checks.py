@@ -50,6 +50,7 @@ WALKER_RUNS = {
     "infom_full_elbo": ("infom", ("--agent.encoder_gradient", "full_elbo"), 3000),
     "infom_latent512": ("infom", ("--agent.latent_dim", "512"), 3000),
     "infom_pretrain10k": ("infom", (), 10000),
+    "fom_pretrain10k": ("fom", (), 10000),
 }
 CHECKS = ("cube2", "maze3", "walker")
 
