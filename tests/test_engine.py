@@ -482,6 +482,23 @@ def test_online_from_scratch_with_warmup(tmp_path, fakes):
     assert "dataset: none (online from scratch)" in (tmp_path / "run" / "summary.md").read_text()
 
 
+def test_online_from_scratch_example_batch_has_the_replay_shapes(tmp_path, dataset, fakes):
+    """Without a dataset the agent is initialised from a batch shaped as the online replay forms it: the same
+    fields, shapes and dtypes as a dataset batch, chunk fields included."""
+    agent = _chunking_agent(3)
+    examples = []
+    for data in (None, dataset):
+        trainer = Trainer(agent, config(tmp_path, data, run_dir=str(tmp_path / str(len(examples))), steps=0 if
+                                        data is None else 10, online_steps=10))
+        trainer._setup_envs()
+        trainer._setup_data()
+        examples.append(trainer._example_batch())
+    scratch, from_data = examples
+    n = Config().batch_size
+    assert scratch["actions_chunk"].shape == (n, 3, ACT_DIM) and scratch["valid_chunk"].shape == (n, 3)
+    assert {k: (v.shape, v.dtype) for k, v in scratch.items()} == {k: (v.shape, v.dtype) for k, v in from_data.items()}
+
+
 class _Killed(Exception):
     pass
 

@@ -385,10 +385,11 @@ class Trainer:
     def _example_batch(self) -> dict:
         if self.sampler is not None:
             return make_sample(self.batch_size, self.fields, self.sample_options)(self.sampler, jax.random.key(0))
-        obs = jnp.zeros((self.batch_size,) + tuple(self.obs_space.shape), _obs_dtype(self.obs_space))
-        shapes = {"observations": obs, "next_observations": obs,
-                  "actions": jnp.zeros((self.batch_size, self.action_dim), jnp.float32)}
-        return {f: shapes.get(f, jnp.zeros((self.batch_size,), jnp.float32)) for f in self.fields}
+        # Online from scratch: a batch of zeros as the online replay forms it (chunk fields included).
+        empty = ReplayBuffer.create(1, self.chunk_size, self.obs_space.shape, _obs_dtype(self.obs_space),
+                                    self.action_dim)
+        one_seed = jax.tree_util.tree_map(lambda x: x[0], empty.data)
+        return empty.sample_seed(one_seed, jax.random.key(0), self.batch_size, self.fields, self.chunk_size)
 
     def _initial_carry(self) -> Carry:
         example = self._example_batch()
