@@ -426,6 +426,7 @@ def test_online_chunks_run_open_loop_restart_at_episode_ends_and_resume(tmp_path
             action = data["actions"][seed, t]
             np.testing.assert_allclose(action[1], -0.9 + 0.3 * position, atol=1e-6)
             if position == 0:
+                assert action[0] != chunk_first  # a fresh policy answer (noisy acting) starts every chunk
                 chunk_first = action[0]
             assert action[0] == chunk_first  # open loop: the whole chunk came from one policy answer
             ended = data["terminals"][seed, t] > 0.5
