@@ -56,7 +56,9 @@ CHECKS = ("cube2", "maze3", "walker")
 
 
 def _schedule(schedule: dict) -> list[str]:
-    return [x for k, v in schedule.items() for x in (f"--{k}", str(v))] + ["--save_interval", "100000"]
+    # A checkpoint at every evaluation, so that a stopped run resumes from there (hours on a CPU).
+    flags = [x for k, v in schedule.items() for x in (f"--{k}", str(v))]
+    return flags + ["--save_interval", str(schedule["eval_interval"])]
 
 
 def commands(check: str, data: str, runs: str, preset: str, steps: int | None, seeds: int | None,
@@ -92,7 +94,7 @@ def commands(check: str, data: str, runs: str, preset: str, steps: int | None, s
             pre_dir = run_dir + "_pretrain"
             pretrain = ["pretrain", agent, "--task", WALKER["task"], "--dataset", path, "--steps",
                         str(steps or pretrain_steps), "--seeds", n_seeds, "--preset", preset, "--log_interval",
-                        "500", "--save_interval", "100000", "--run_dir", pre_dir, *extra]
+                        "500", "--save_interval", "1000", "--run_dir", pre_dir, *extra]
             finetune = ["finetune", pre_dir, *common, *evaluation, "--run_dir", run_dir]
             out.append((run_dir, [pretrain, finetune]))
     return out

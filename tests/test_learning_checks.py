@@ -34,6 +34,10 @@ def test_commands_use_known_agents_and_fields(check, tmp_path):
         for argv in argvs:
             given = flags(argv)
             assert given["dataset"].startswith("DATA" + os.sep)
+            # A stopped run resumes from its last checkpoint, so there must be some before the end.
+            assert int(given["save_interval"]) < int(given["steps"])
+            if "eval_interval" in given:
+                assert int(given["save_interval"]) <= int(given["eval_interval"])
             if argv[0] == "finetune":
                 pretrain = argvs[0]
                 assert argv[1] == pretrain[pretrain.index("--run_dir") + 1]
