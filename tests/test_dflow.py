@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_engine as tiny  # noqa: E402
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("dflow_flow_critic", os.path.join(_ROOT, "benchmarks", "dflow_flow_critic.py"))
+_DIAGNOSTIC = os.path.join(_ROOT, "benchmarks", "dflow_flow_critic.py")
+_spec = importlib.util.spec_from_file_location("dflow_flow_critic", _DIAGNOSTIC)
 diagnostic = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(diagnostic)
 
