@@ -70,3 +70,18 @@ def test_dry_run_runs_nothing(tmp_path):
     assert lines[0].startswith("$ fluxrl data generate pointmaze-medium-navigate ")
     assert lines[1].startswith("$ fluxrl train bc --task pointmaze-medium-navigate-singletask-task3 ")
     assert not (tmp_path / "d").exists() and not (tmp_path / "r").exists()
+
+
+def test_pretraining_checks_fine_tune_on_their_own_data(tmp_path):
+    """InFOM's protocol on OGBench: pre-train on the play data, fine-tune (and train the baselines) on a separate,
+    smaller set generated with another seed; walker uses one dataset for both phases."""
+    for check, pre_key, ft_key in [("infom_cube2", "cube", "cube_ft"), ("infom_maze3", "maze", "maze_ft"),
+                                   ("walker", "walker", "walker")]:
+        pre_file, ft_file = checks.DATASETS[pre_key][0], checks.DATASETS[ft_key][0]
+        assert checks.datasets_of(check) == tuple(dict.fromkeys((pre_key, ft_key)))
+        for _, argvs in checks.commands(check, "DATA", str(tmp_path), "cpu", None, None, None):
+            *pretrain, last = argvs
+            assert os.path.basename(flags(last)["dataset"]) == ft_file
+            assert all(os.path.basename(flags(argv)["dataset"]) == pre_file for argv in pretrain)
+    seeds = {checks.dataset_command(key, "DATA")[-1] for key in ("cube", "cube_ft")}
+    assert seeds == {"0", "1"}
