@@ -7,8 +7,8 @@ the policy's flow out from `--draws` fresh noises per state and compares, at eac
 (k = 1 .. T-1):
 
 - the flow critic V_f(s, x_k, t_k) with the exact return to go G_k(x_k) of the current policy (the flow MDP is
-  deterministic, so G_k is the terminal value Q(s, clip(x_T)) minus, for `div`, alpha times the divergence still to
-  come along the policy's own path): RMS error, and the part of it that varies with x_k at a fixed state (only
+  deterministic, so G_k is the terminal value Q(s, clip(x_T)) minus, for `div`, alpha times the divergence still
+  to come along the policy's own path): RMS error, and the part of it that varies with x_k at a fixed state (only
   that part misleads the policy), next to how much G_k itself varies with x_k at a fixed state;
 - the gradient of V_f in x, the only signal the policy step k-1 gets, with the exact gradient of G_k (back-propagated
   through the remaining Euler steps): cosine, and the norm ratio, over the rows where both are non-zero (a flow

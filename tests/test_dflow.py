@@ -129,16 +129,14 @@ def random_batch(n=16, seed=0):
     }
 
 
-@pytest.mark.parametrize("baseline", ["none", "data_q"])
 @pytest.mark.parametrize("variant", ["dir", "div"])
-def test_flow_critic_and_policy_losses_follow_the_flow_mdp(variant, baseline):
+def test_flow_critic_and_policy_losses_follow_the_flow_mdp(variant):
     """From an explicit rollout x_{k+1} = x_k + u(x_k, t_k) / T: the flow critic regresses V_f(s, x_k, t_k),
-    k = 1..T-1, on G_k - b(s) with G_k = Q(s, clip(x_T)) - alpha sum_{j >= k} D_j (div; D_j = mean_d (u_j -
-    v_beta,j)² / T) or G_k = Q(s, clip(x_T)) (dir), b = 0 or Q(s, a_data); the policy's value term is
-    sum_{k < T-1} [V_f(s, x_k + u_k / T, t_{k+1}) + b(s)] + Q(s, clip(x_{T-1} + u_{T-1} / T)); its regulariser
-    alpha * sum_k D_k (div) or alpha * L_FM (dir)."""
+    k = 1..T-1, on G_k = Q(s, clip(x_T)) - alpha sum_{j >= k} D_j (div; D_j = mean_d (u_j - v_beta,j)² / T) or
+    G_k = Q(s, clip(x_T)) (dir); the policy's value term is sum_{k < T-1} V_f(s, x_k + u_k / T, t_{k+1}) +
+    Q(s, clip(x_{T-1} + u_{T-1} / T)); its regulariser alpha * sum_k D_k (div) or alpha * L_FM (dir)."""
     alpha, n = 0.7, 4
-    config = small_config(variant=variant, alpha=alpha, flow_critic_baseline=baseline)
+    config = small_config(variant=variant, alpha=alpha)
     batch = random_batch()
     state = dflow.init(jax.random.key(0), batch, config)
     params, obs, key = state.params, batch["observations"], jax.random.key(1)
@@ -161,16 +159,14 @@ def test_flow_critic_and_policy_losses_follow_the_flow_mdp(variant, baseline):
     terminal = np.asarray(critic_fn(obs, jnp.clip(x, -1, 1)), np.float64)
     costs = [np.mean((us[k] - vbs[k]) ** 2, -1) / n for k in range(n)] if variant == "div" else [0.0] * n
     returns = [terminal - alpha * sum(costs[k:]) for k in range(n)]
-    b = np.asarray(critic_fn(obs, batch["actions"]), np.float64) if baseline == "data_q" else np.zeros(len(obs))
-    assert baseline == "none" or np.abs(b).min() > 0.01  # the check below would not see a vanishing baseline
     v_pred = [np.asarray(dflow.flow_values(params["flow_critic"], obs, jnp.asarray(xs[k], jnp.float32), k / n,
                                            config), np.float64) for k in range(1, n)]
-    flow_critic_loss = np.mean([(v_pred[k - 1] + b - returns[k]) ** 2 for k in range(1, n)])
+    flow_critic_loss = np.mean([(v_pred[k - 1] - returns[k]) ** 2 for k in range(1, n)])
     assert float(metrics["flow_critic_loss"]) == pytest.approx(flow_critic_loss, rel=1e-4)
 
     next_x = [xs[k] + us[k] / n for k in range(n)]
     values = sum(np.asarray(dflow.flow_values(params["flow_critic"], obs, jnp.asarray(next_x[k], jnp.float32),
-                                              (k + 1) / n, config), np.float64) + b for k in range(n - 1))
+                                              (k + 1) / n, config), np.float64) for k in range(n - 1))
     values = values + np.asarray(critic_fn(obs, jnp.clip(jnp.asarray(next_x[-1], jnp.float32), -1, 1)))
     if variant == "div":
         regulariser = alpha * np.mean(sum(costs))
@@ -199,10 +195,9 @@ ROUTES = {
 }
 
 
-@pytest.mark.parametrize("baseline", ["none", "data_q"])
 @pytest.mark.parametrize("variant", ["dir", "div"])
-def test_gradient_routing(variant, baseline):
-    config = small_config(variant=variant, flow_critic_baseline=baseline)
+def test_gradient_routing(variant):
+    config = small_config(variant=variant)
     batch = random_batch()
     state = dflow.init(jax.random.key(0), batch, config)
     names = list(ROUTES[variant])
@@ -259,8 +254,7 @@ def test_target_follows_the_pre_update_critic():
 # --- config, presets, per-task values ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field, value", [("variant", "sideways"), ("q_agg", "max"), ("flow_steps", 1),
-                                          ("flow_critic_baseline", "mean")])
+@pytest.mark.parametrize("field, value", [("variant", "sideways"), ("q_agg", "max"), ("flow_steps", 1)])
 def test_bad_config_is_one_sentence(field, value):
     config = dataclasses.replace(small_config(), **{field: value})
     with pytest.raises(FluxrlError, match=f"dflow config field {field}"):
@@ -270,7 +264,6 @@ def test_bad_config_is_one_sentence(field, value):
 def test_presets_and_borrowed_per_task_values():
     paper = dflow.PRESETS["paper"]
     assert (paper.variant, paper.alpha, paper.flow_steps, paper.q_agg) == ("div", 10.0, 10, "mean")
-    assert paper.flow_critic_baseline == "none"
     assert paper.flow_critic_hidden == (512, 512, 512, 512)
     cases = {
         "cube-single-play-singletask-task2": {"alpha": 300.0},
@@ -288,8 +281,8 @@ def test_presets_and_borrowed_per_task_values():
 
 
 def test_cli_train_then_diagnose(tmp_path, monkeypatch, capsys):
-    """`fluxrl train dflow --agent.variant dir --agent.flow_critic_baseline data_q` on the engine tests' tiny env
-    and dataset: 2 seeds, logging, evaluation, checkpoint; then benchmarks/dflow_flow_critic.py reads the run."""
+    """`fluxrl train dflow --agent.variant dir` on the engine tests' tiny env and dataset: 2 seeds, logging,
+    evaluation, checkpoint; then benchmarks/dflow_flow_critic.py reads the run."""
     monkeypatch.setattr(external, "make_env", tiny.fake_make_env)
     dataset = str(tmp_path / "data.npz")  # no -val split: one compilation fewer
     save_npz(dataset, tiny.synthetic_data(20, seed=0))
@@ -298,12 +291,10 @@ def test_cli_train_then_diagnose(tmp_path, monkeypatch, capsys):
             "--preset", "cpu", "--run_dir", str(run), "--updates_per_call", "3", "--log_interval", "3",
             "--eval_interval", "6", "--eval_episodes", "1", "--save_interval", "6", "--quiet",
             "--agent.actor_hidden", "16", "16", "--agent.critic_hidden", "16", "16",
-            "--agent.flow_critic_hidden", "16", "16", "--agent.variant", "dir", "--agent.flow_steps", "4",
-            "--agent.flow_critic_baseline", "data_q"]
+            "--agent.flow_critic_hidden", "16", "16", "--agent.variant", "dir", "--agent.flow_steps", "4"]
     assert main(argv) == 0
     record = json.loads((run / "config.json").read_text())
     assert record["agent"] == "dflow" and record["agent_config"]["variant"] == "dir"
-    assert record["agent_config"]["flow_critic_baseline"] == "data_q"
     assert record["agent_config"]["alpha"] == 300.0  # the task is cube-single: FQL's value
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     logged = [line for line in lines if any("flow_critic_loss" in k for k in line)]

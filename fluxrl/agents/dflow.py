@@ -20,8 +20,7 @@ Per batch (one Adam over all modules; mean over the batch):
                R = mean_i Q_i(s, clip(x_T)) (online critic, frozen)
   flow critic  G_k = R + sum_{j >= k} r_j  (the return to go of the deterministic chain: the fixed point of the
                flow Bellman backup V_f(x_k, t_k) = r_k + V_f(x_{k+1}, t_{k+1}) for gamma_f = 1);
-               L_V = mean_{k = 1..T-1} (V_f(s, x_k, t_k) + b(s) - G_k)², b = 0 or (flow_critic_baseline "data_q")
-               b(s) = mean_i Q_i(s, a_data) frozen; the policy values flow states by V_f + b
+               L_V = mean_{k = 1..T-1} (V_f(s, x_k, t_k) - G_k)²
   policy       each flow step k is one decision: x'_k = x_k + dt u_theta(s, x_k, t_k) at the rollout's x_k, valued
                by W_k(x'_k) = V_f(s, x'_k, t_{k+1}) (frozen) for k < T - 1 and mean_i Q_i(s, clip(x'_k)) for k = T - 1
     "dir"      L_pi = alpha L_FM(u_theta) - sum_k W_k(x'_k)
@@ -65,7 +64,6 @@ EVAL_DETERMINISTIC = False
 NUM_CRITICS = 2
 Q_AGGS = ("mean", "min")
 VARIANTS = ("dir", "div")
-BASELINES = ("none", "data_q")
 
 # critic_fn(observations, actions) -> (*batch,) frozen Q values (the agent's: mean over its online critics).
 CriticFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -86,9 +84,6 @@ class Config:
     variant: str = "div"  # "dir": direction-oriented, "div": divergence-oriented
     alpha: float = 10.0  # behaviour regularisation weight (flow matching for "dir", divergence for "div")
     flow_steps: int = 10  # T: decisions per action (Euler steps)
-    # "data_q": the flow critic learns G_k - b(s) with b(s) = Q(s, a_data) (frozen), only the part of the return
-    # that depends on the flow state; "none": G_k itself (docs/dflow.md, "Why it fails on cube-single").
-    flow_critic_baseline: str = "none"
 
 
 PRESETS = {
@@ -115,9 +110,6 @@ def _validate(config: Config) -> None:
         raise FluxrlError(f"dflow config field variant is '{config.variant}'; it must be one of {', '.join(VARIANTS)}.")
     if config.q_agg not in Q_AGGS:
         raise FluxrlError(f"dflow config field q_agg is '{config.q_agg}'; it must be one of {', '.join(Q_AGGS)}.")
-    if config.flow_critic_baseline not in BASELINES:
-        raise FluxrlError(f"dflow config field flow_critic_baseline is '{config.flow_critic_baseline}'; it must be "
-                          f"one of {', '.join(BASELINES)}.")
     if config.flow_steps < 2:
         raise FluxrlError(f"dflow config field flow_steps is {config.flow_steps}; the flow MDP needs at least 2.")
 
@@ -208,21 +200,14 @@ def actor_loss(policy_params, flow_critic_params, bc_params, critic_fn: CriticFn
     else:
         returns = jnp.broadcast_to(terminal_value, xs.shape[:-1])
 
-    # A baseline b(s) leaves the policy's gradient unchanged (it does not depend on x) and spares the flow critic
-    # the state's value, whose spread across states dwarfs the action's effect.
-    if config.flow_critic_baseline == "data_q":
-        baseline = jax.lax.stop_gradient(critic_fn(obs, batch["actions"]))
-    else:
-        baseline = jnp.zeros_like(terminal_value)
-
     # Flow critic on the intermediate states x_1 .. x_{T-1} (x_T is valued by Q itself).
     v_pred = flow_values(flow_critic_params, stacked_obs[1:], xs[1:], t[1:], config)
-    flow_critic_loss = jnp.mean((v_pred - (returns[1:] - baseline)) ** 2)
+    flow_critic_loss = jnp.mean((v_pred - returns[1:]) ** 2)
 
     # One decision per flow step, valued by the frozen flow critic (or Q after the last step).
     next_x = xs + dt * policy_v
     frozen_flow_critic = jax.lax.stop_gradient(flow_critic_params)
-    step_values = flow_values(frozen_flow_critic, stacked_obs[:-1], next_x[:-1], t[1:], config) + baseline
+    step_values = flow_values(frozen_flow_critic, stacked_obs[:-1], next_x[:-1], t[1:], config)
     last_values = critic_fn(obs, jnp.clip(next_x[-1], -1.0, 1.0))
     value_term = jnp.mean(step_values.sum(axis=0) + last_values)
 
