@@ -100,13 +100,13 @@ def commands(check: str, data: str, runs: str, preset: str, steps: int | None, s
         return out
     pre_key, ft_key, task, default_steps, default_seeds, schedule, runs_table, _ = PRETRAIN_CHECKS[check]
     pre_path, ft_path = (os.path.join(data, DATASETS[key][0]) for key in (pre_key, ft_key))
+    common = ["--dataset", ft_path, "--task", task, "--steps", str(steps or default_steps)]
+    evaluation = _schedule(schedule)
+    n_seeds = str(seeds or default_seeds)
     for name, (agent, extra, pretrain_steps) in runs_table.items():
         if only and name not in only:
             continue
         run_dir = os.path.join(runs, check, name)
-        common = ["--dataset", ft_path, "--task", task, "--steps", str(steps or default_steps)]
-        evaluation = _schedule(schedule)
-        n_seeds = str(seeds or default_seeds)
         if pretrain_steps is None:
             argv = ["train", agent, *common, "--seeds", n_seeds, "--preset", preset, *evaluation,
                     "--run_dir", run_dir, *extra]
