@@ -17,15 +17,50 @@ import argparse
 import os
 import subprocess
 import sys
+from typing import NamedTuple
 
-# key -> (file name, generator name, episodes, seed). The *_ft files are the fine-tuning data of the pre-training
-# checks: half the pre-training data's size and a different seed, as the InFOM paper's separate `play-ft` sets.
+
+class Dataset(NamedTuple):
+    file: str
+    generator: str
+    episodes: int
+    seed: int
+
+
+class OfflineCheck(NamedTuple):
+    dataset: str  # a DATASETS key
+    task: str
+    steps: int
+    seeds: int
+    schedule: dict
+    runs: dict  # run name -> extra flags; the agent is the name's part before "_"
+
+
+class PretrainRun(NamedTuple):
+    agent: str
+    flags: tuple  # given to pre-training, which fine-tuning inherits
+    pretrain_steps: int | None  # None: train on the fine-tuning data only, without pre-training
+
+
+class PretrainCheck(NamedTuple):
+    pretrain_data: str  # DATASETS keys
+    finetune_data: str
+    task: str
+    steps: int  # fine-tuning steps
+    seeds: int
+    schedule: dict
+    runs: dict  # run name -> PretrainRun
+    metric: str
+
+
+# The *_ft files are the fine-tuning data of the pre-training checks: half the pre-training data's size and a
+# different seed, as the InFOM paper's separate `play-ft` sets.
 DATASETS = {
-    "cube": ("cube-single-play-200.npz", "cube-single-play", 200, 0),
-    "cube_ft": ("cube-single-play-ft-100.npz", "cube-single-play", 100, 1),
-    "maze": ("pointmaze-medium-navigate-1m.npz", "pointmaze-medium-navigate", 1000, 0),
-    "maze_ft": ("pointmaze-medium-navigate-ft-500k.npz", "pointmaze-medium-navigate", 500, 1),
-    "walker": ("walker-explore-100.npz", "walker-explore", 100, 0),
+    "cube": Dataset("cube-single-play-200.npz", "cube-single-play", 200, 0),
+    "cube_ft": Dataset("cube-single-play-ft-100.npz", "cube-single-play", 100, 1),
+    "maze": Dataset("pointmaze-medium-navigate-1m.npz", "pointmaze-medium-navigate", 1000, 0),
+    "maze_ft": Dataset("pointmaze-medium-navigate-ft-500k.npz", "pointmaze-medium-navigate", 500, 1),
+    "walker": Dataset("walker-explore-100.npz", "walker-explore", 100, 0),
 }
 SPARSE = {"eval_interval": 5000, "eval_episodes": 10, "log_interval": 1000}
 # rebrac: the task's values (cube-single: the InFOM README's 1 / 1; point-maze: none published, 0 / 0);
@@ -35,44 +70,43 @@ EXTRACTION = {
     "bc": (), "flowq": (), "flowq_lam1": ("--agent.lam", "1.0"),
     "flowq_lam3": ("--agent.lam", "3.0"), "gfp": (), "qam": (), "dflow": (),
 }
-# check -> (dataset, task, steps, seeds, schedule, {run name: (agent, extra flags)})
 OFFLINE_CHECKS = {
-    "cube2": ("cube", "cube-single-play-singletask-task2", 30000, 3, SPARSE, EXTRACTION),
-    "maze3": ("maze", "pointmaze-medium-navigate-singletask-task3", 20000, 3, SPARSE, EXTRACTION),
+    "cube2": OfflineCheck("cube", "cube-single-play-singletask-task2", 30000, 3, SPARSE, EXTRACTION),
+    "maze3": OfflineCheck("maze", "pointmaze-medium-navigate-singletask-task3", 20000, 3, SPARSE, EXTRACTION),
 }
-# Pre-training checks (the InFOM issue): run name -> (agent, agent flags (given to pre-training, which fine-tuning
-# inherits), pre-training steps or None to train on the fine-tuning data only, without pre-training).
-PRETRAIN_COMPARISON = {"infom": ("infom", (), 10000), "fom": ("fom", (), 10000), "iql": ("iql", (), None),
-                       "rebrac": ("rebrac", (), None)}
+# The InFOM issue's comparison: pre-trained InFOM and FOM next to IQL and ReBRAC on the fine-tuning data alone.
+PRETRAIN_COMPARISON = {"infom": PretrainRun("infom", (), 10000), "fom": PretrainRun("fom", (), 10000),
+                       "iql": PretrainRun("iql", (), None), "rebrac": PretrainRun("rebrac", (), None)}
 WALKER_RUNS = {
-    "infom": ("infom", (), 3000),
-    "fom": ("fom", (), 3000),
-    "iql": ("iql", (), None),
-    "rebrac": ("rebrac", ("--agent.alpha_actor", "0.3", "--agent.alpha_critic", "0.0"), None),
-    "infom_kl0": ("infom", ("--agent.kl_weight", "0.0"), 3000),
-    "infom_kl001": ("infom", ("--agent.kl_weight", "0.01"), 3000),
-    "infom_full_elbo": ("infom", ("--agent.encoder_gradient", "full_elbo"), 3000),
-    "infom_latent512": ("infom", ("--agent.latent_dim", "512"), 3000),
-    "infom_pretrain10k": ("infom", (), 10000),
-    "fom_pretrain10k": ("fom", (), 10000),
+    "infom": PretrainRun("infom", (), 3000),
+    "fom": PretrainRun("fom", (), 3000),
+    "iql": PretrainRun("iql", (), None),
+    "rebrac": PretrainRun("rebrac", ("--agent.alpha_actor", "0.3", "--agent.alpha_critic", "0.0"), None),
+    "infom_kl0": PretrainRun("infom", ("--agent.kl_weight", "0.0"), 3000),
+    "infom_kl001": PretrainRun("infom", ("--agent.kl_weight", "0.01"), 3000),
+    "infom_full_elbo": PretrainRun("infom", ("--agent.encoder_gradient", "full_elbo"), 3000),
+    "infom_latent512": PretrainRun("infom", ("--agent.latent_dim", "512"), 3000),
+    "infom_pretrain10k": PretrainRun("infom", (), 10000),
+    "fom_pretrain10k": PretrainRun("fom", (), 10000),
 }
-# check -> (pre-training dataset, fine-tuning dataset, task, fine-tuning steps, seeds, schedule, runs, metric).
 # walker pre-trains and fine-tunes on the same transitions (the ExORL protocol); cube and maze on separate sets.
 PRETRAIN_CHECKS = {
-    "walker": ("walker", "walker", "walker-stand", 3000, 3,
-               {"eval_interval": 1000, "eval_episodes": 5, "log_interval": 500}, WALKER_RUNS, "evaluation/return"),
-    "infom_cube2": ("cube", "cube_ft", "cube-single-play-singletask-task2", 30000, 3, SPARSE, PRETRAIN_COMPARISON,
-                    "evaluation/success"),
-    "infom_maze3": ("maze", "maze_ft", "pointmaze-medium-navigate-singletask-task3", 20000, 3, SPARSE,
-                    PRETRAIN_COMPARISON, "evaluation/success"),
+    "walker": PretrainCheck("walker", "walker", "walker-stand", 3000, 3,
+                            {"eval_interval": 1000, "eval_episodes": 5, "log_interval": 500}, WALKER_RUNS,
+                            "evaluation/return"),
+    "infom_cube2": PretrainCheck("cube", "cube_ft", "cube-single-play-singletask-task2", 30000, 3, SPARSE,
+                                 PRETRAIN_COMPARISON, "evaluation/success"),
+    "infom_maze3": PretrainCheck("maze", "maze_ft", "pointmaze-medium-navigate-singletask-task3", 20000, 3, SPARSE,
+                                 PRETRAIN_COMPARISON, "evaluation/success"),
 }
 CHECKS = ("cube2", "maze3", *PRETRAIN_CHECKS)
 
 
 def datasets_of(check: str) -> tuple[str, ...]:
     if check in OFFLINE_CHECKS:
-        return (OFFLINE_CHECKS[check][0],)
-    return tuple(dict.fromkeys(PRETRAIN_CHECKS[check][:2]))
+        return (OFFLINE_CHECKS[check].dataset,)
+    spec = PRETRAIN_CHECKS[check]
+    return tuple(dict.fromkeys((spec.pretrain_data, spec.finetune_data)))
 
 
 def _schedule(schedule: dict) -> list[str]:
@@ -86,24 +120,24 @@ def commands(check: str, data: str, runs: str, preset: str, steps: int | None, s
     """[(run directory, [fluxrl argv, ...])] of `check`; the run directory is the last command's."""
     out = []
     if check in OFFLINE_CHECKS:
-        dataset, task, default_steps, default_seeds, schedule, agents = OFFLINE_CHECKS[check]
-        path = os.path.join(data, DATASETS[dataset][0])
-        for name, extra in agents.items():
+        spec = OFFLINE_CHECKS[check]
+        path = os.path.join(data, DATASETS[spec.dataset].file)
+        for name, extra in spec.runs.items():
             if only and name not in only:
                 continue
             agent = name.split("_")[0]
             run_dir = os.path.join(runs, check, name)
-            argv = ["train", agent, "--task", task, "--dataset", path, "--steps", str(steps or default_steps),
-                    "--seeds", str(seeds or default_seeds), "--preset", preset, *_schedule(schedule),
+            argv = ["train", agent, "--task", spec.task, "--dataset", path, "--steps", str(steps or spec.steps),
+                    "--seeds", str(seeds or spec.seeds), "--preset", preset, *_schedule(spec.schedule),
                     "--run_dir", run_dir, *extra]
             out.append((run_dir, [argv]))
         return out
-    pre_key, ft_key, task, default_steps, default_seeds, schedule, runs_table, _ = PRETRAIN_CHECKS[check]
-    pre_path, ft_path = (os.path.join(data, DATASETS[key][0]) for key in (pre_key, ft_key))
-    common = ["--dataset", ft_path, "--task", task, "--steps", str(steps or default_steps)]
-    evaluation = _schedule(schedule)
-    n_seeds = str(seeds or default_seeds)
-    for name, (agent, extra, pretrain_steps) in runs_table.items():
+    spec = PRETRAIN_CHECKS[check]
+    pre_path, ft_path = (os.path.join(data, DATASETS[key].file) for key in (spec.pretrain_data, spec.finetune_data))
+    common = ["--dataset", ft_path, "--task", spec.task, "--steps", str(steps or spec.steps)]
+    evaluation = _schedule(spec.schedule)
+    n_seeds = str(seeds or spec.seeds)
+    for name, (agent, extra, pretrain_steps) in spec.runs.items():
         if only and name not in only:
             continue
         run_dir = os.path.join(runs, check, name)
@@ -114,8 +148,8 @@ def commands(check: str, data: str, runs: str, preset: str, steps: int | None, s
         else:
             pre_dir = run_dir + "_pretrain"
             pre_steps = steps or pretrain_steps
-            pretrain = ["pretrain", agent, "--task", task, "--dataset", pre_path, "--steps", str(pre_steps),
-                        "--seeds", n_seeds, "--preset", preset, "--log_interval", str(schedule["log_interval"]),
+            pretrain = ["pretrain", agent, "--task", spec.task, "--dataset", pre_path, "--steps", str(pre_steps),
+                        "--seeds", n_seeds, "--preset", preset, "--log_interval", str(spec.schedule["log_interval"]),
                         "--save_interval", str(max(pre_steps // 5, 1)), "--run_dir", pre_dir, *extra]
             finetune = ["finetune", pre_dir, *common, *evaluation, "--run_dir", run_dir]
             out.append((run_dir, [pretrain, finetune]))
@@ -123,9 +157,9 @@ def commands(check: str, data: str, runs: str, preset: str, steps: int | None, s
 
 
 def dataset_command(key: str, data: str) -> list[str]:
-    file, name, episodes, seed = DATASETS[key]
-    return ["data", "generate", name, "--out", os.path.join(data, file), "--episodes", str(episodes), "--seed",
-            str(seed)]
+    spec = DATASETS[key]
+    return ["data", "generate", spec.generator, "--out", os.path.join(data, spec.file), "--episodes",
+            str(spec.episodes), "--seed", str(spec.seed)]
 
 
 def main() -> None:
@@ -149,7 +183,7 @@ def main() -> None:
 
     for check in args.checks:
         for key in datasets_of(check):
-            if not os.path.exists(os.path.join(args.data, DATASETS[key][0])):
+            if not os.path.exists(os.path.join(args.data, DATASETS[key].file)):
                 run(dataset_command(key, args.data))
         run_dirs = []
         for run_dir, argvs in commands(check, args.data, args.runs, args.preset, args.steps, args.seeds, only):
@@ -157,7 +191,7 @@ def main() -> None:
                 run(argv)
             run_dirs.append(run_dir)
         if run_dirs and not args.dry_run:
-            metric = PRETRAIN_CHECKS[check][-1] if check in PRETRAIN_CHECKS else "evaluation/success"
+            metric = PRETRAIN_CHECKS[check].metric if check in PRETRAIN_CHECKS else "evaluation/success"
             subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "results_table.py"), *run_dirs,
                             "--metric", metric], check=True)
 

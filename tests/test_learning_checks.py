@@ -77,7 +77,7 @@ def test_pretraining_checks_fine_tune_on_their_own_data(tmp_path):
     smaller set generated with another seed; walker uses one dataset for both phases."""
     for check, pre_key, ft_key in [("infom_cube2", "cube", "cube_ft"), ("infom_maze3", "maze", "maze_ft"),
                                    ("walker", "walker", "walker")]:
-        pre_file, ft_file = checks.DATASETS[pre_key][0], checks.DATASETS[ft_key][0]
+        pre_file, ft_file = checks.DATASETS[pre_key].file, checks.DATASETS[ft_key].file
         assert checks.datasets_of(check) == tuple(dict.fromkeys((pre_key, ft_key)))
         for _, argvs in checks.commands(check, "DATA", str(tmp_path), "cpu", None, None, None):
             *pretrain, last = argvs
