@@ -63,6 +63,18 @@ def test_next_actions_never_cross_episode_end(sampler):
     assert np.all(obs[:, 1] < lengths - 1)
 
 
+def test_next_actions_skip_an_unflagged_final_row():
+    """A regular-form file whose last row is not flagged terminal still ends there: that row has no a'."""
+    data = with_rewards(D.raw_to_regular(make_raw()))
+    data["terminals"][-1] = 0.0
+    sampler = Sampler.create(data)
+    batch = sampler.sample(jax.random.key(2), 4096, fields=("observations", "next_actions"))
+    obs = np.asarray(batch["observations"])
+    lengths = np.array(LENGTHS)[obs[:, 0].astype(int)]
+    assert np.all(obs[:, 1] < lengths - 1)
+    assert int(sampler.arrays["pair_rows"][-1]) < len(data["observations"]) - 1
+
+
 def test_future_states_follow_truncated_geometric(sampler):
     gamma = 0.7
     batch = sampler.sample(jax.random.key(2), 20000, fields=("observations", "future_observations"), future_discount=gamma)

@@ -7,7 +7,8 @@ no state of its own, and a checkpointed RNG key reproduces the data stream exact
 Fields a batch can hold (request them by name):
   observations, actions, rewards, masks, terminals, next_observations   one transition i
   next_actions          a'_i = actions[i + 1]; i is then drawn only from rows whose episode continues
-                        (terminals[i] == 0), so (s, a, s', a') never crosses an episode end
+                        (terminals[i] == 0 and i is not the final row), so (s, a, s', a') never crosses an
+                        episode end
   future_observations   s_f = next_observations[j], j = min(i + k - 1, last row of i's episode),
                         k ~ Geometric(1 - future_discount) >= 1: a sample of the discounted state occupancy
                         of (s_i, a_i) (k = 1 is s'_i)
@@ -56,7 +57,8 @@ class Sampler(flax.struct.PyTreeNode):
         arrays["first"] = first
         arrays["last"] = last
         arrays["valid_rows"] = np.flatnonzero(valid).astype(np.int32)
-        arrays["pair_rows"] = np.flatnonzero(valid & (terminals < 0.5)).astype(np.int32)
+        # A row pairs with the next one unless it ends its episode; the final row always does, flagged or not.
+        arrays["pair_rows"] = np.flatnonzero(valid & (np.arange(n) < last)).astype(np.int32)
         put = (lambda x: jax.device_put(x, device)) if device is not None else jnp.asarray
         return cls(arrays={k: put(v) for k, v in arrays.items()}, compact=compact, frame_stack=frame_stack)
 
