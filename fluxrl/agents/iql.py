@@ -69,8 +69,9 @@ PRESETS = {
 # The FQL README's IQL commands (humanoidmaze-medium: alpha 10 with discount 0.995; visual-cube-single: alpha 1)
 # and the InFOM README's baseline commands (state-based cube-single and ExORL cheetah: alpha 1). The InFOM
 # repository's IQL is the same update but updates the actor every 4th step and pre-trains it by BC on the
-# reward-free data; this agent keeps the FQL code's schedule (actor every step, no pre-training). The FQL paper tuned IQL on more environments; those values are not in the code or READMEs, so
-# other tasks keep the defaults (discount 0.995 still applies to the long-horizon environments).
+# reward-free data; this agent keeps the FQL code's schedule (actor every step, no pre-training). The FQL paper
+# tuned IQL on more environments; those values are not in the code or READMEs, so other tasks keep the defaults
+# (discount 0.995 still applies to the long-horizon environments).
 TASK_VALUES = merge_tables(
     PAPER_DISCOUNTS,
     {

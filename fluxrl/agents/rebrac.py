@@ -76,8 +76,9 @@ PRESETS = {
 # The FQL README's ReBRAC commands (humanoidmaze-medium: 0.01 / 0.01 with discount 0.995; visual-cube-single:
 # 1 / 0) and the InFOM README's baseline commands (state-based cube-single: 1 / 1; ExORL cheetah: 0.1 / 0.1).
 # The InFOM repository's ReBRAC is the same update with actor_freq 4 (here the FQL code's 2) after BC
-# pre-training on the reward-free data, which this agent does not do. The FQL paper's other per-environment values are not in the code or READMEs, so
-# other tasks keep the defaults (0 / 0: plain TD3 with LayerNorm) -- set alpha_actor / alpha_critic yourself.
+# pre-training on the reward-free data, which this agent does not do. The FQL paper's other per-environment
+# values are not in the code or READMEs, so other tasks keep the defaults (0 / 0: plain TD3 with LayerNorm) --
+# set alpha_actor / alpha_critic yourself.
 TASK_VALUES = merge_tables(
     PAPER_DISCOUNTS,
     {
