@@ -63,6 +63,8 @@ DATASETS = {
     "walker": Dataset("walker-explore-100.npz", "walker-explore", 100, 0),
 }
 SPARSE = {"eval_interval": 5000, "eval_episodes": 10, "log_interval": 1000}
+# InFOM fine-tuning runs ~4 updates/s for 3 seeds here: a checkpoint every 1,000 steps bounds what a stop loses.
+SPARSE_FREQUENT_SAVES = {**SPARSE, "save_interval": 1000}
 # rebrac: the task's values (cube-single: the InFOM README's 1 / 1; point-maze: none published, 0 / 0);
 # rebrac_c0: the FQL README's visual-cube-single values 1 / 0, which docs/results.md ran first.
 EXTRACTION = {
@@ -94,10 +96,10 @@ PRETRAIN_CHECKS = {
     "walker": PretrainCheck("walker", "walker", "walker-stand", 3000, 3,
                             {"eval_interval": 1000, "eval_episodes": 5, "log_interval": 500}, WALKER_RUNS,
                             "evaluation/return"),
-    "infom_cube2": PretrainCheck("cube", "cube_ft", "cube-single-play-singletask-task2", 30000, 3, SPARSE,
-                                 PRETRAIN_COMPARISON, "evaluation/success"),
-    "infom_maze3": PretrainCheck("maze", "maze_ft", "pointmaze-medium-navigate-singletask-task3", 20000, 3, SPARSE,
-                                 PRETRAIN_COMPARISON, "evaluation/success"),
+    "infom_cube2": PretrainCheck("cube", "cube_ft", "cube-single-play-singletask-task2", 30000, 3,
+                                 SPARSE_FREQUENT_SAVES, PRETRAIN_COMPARISON, "evaluation/success"),
+    "infom_maze3": PretrainCheck("maze", "maze_ft", "pointmaze-medium-navigate-singletask-task3", 20000, 3,
+                                 SPARSE_FREQUENT_SAVES, PRETRAIN_COMPARISON, "evaluation/success"),
 }
 CHECKS = ("cube2", "maze3", *PRETRAIN_CHECKS)
 
@@ -110,9 +112,9 @@ def datasets_of(check: str) -> tuple[str, ...]:
 
 
 def _schedule(schedule: dict) -> list[str]:
-    # A checkpoint at every evaluation, so that a stopped run resumes from there (hours on a CPU).
-    flags = [x for k, v in schedule.items() for x in (f"--{k}", str(v))]
-    return flags + ["--save_interval", str(schedule["eval_interval"])]
+    # A checkpoint at every evaluation unless the schedule says otherwise, so that a stopped run resumes from there.
+    schedule = {**schedule, "save_interval": schedule.get("save_interval", schedule["eval_interval"])}
+    return [x for k, v in schedule.items() for x in (f"--{k}", str(v))]
 
 
 def commands(check: str, data: str, runs: str, preset: str, steps: int | None, seeds: int | None,
