@@ -1,5 +1,3 @@
-"""Test-wide settings: offscreen MuJoCo rendering on CPU machines, set before dm_control/ogbench pick a backend."""
+"""Test-wide settings: MuJoCo's offscreen backend is chosen (fluxrl.envs) before dm_control/ogbench pick one."""
 
-import os
-
-os.environ.setdefault("MUJOCO_GL", "osmesa")
+import fluxrl.envs  # noqa: F401

@@ -2,13 +2,22 @@
 
 MuJoCo picks its OpenGL backend when it is first imported, so MUJOCO_GL is set here (osmesa, which renders
 offscreen on any Linux machine with libosmesa6) unless the user chose one; set MUJOCO_GL=egl for GPU rendering.
+Without libosmesa6 it stays unset: `import mujoco` with MUJOCO_GL=osmesa fails outright, and simulation, data
+generation and training need no rendering (only videos do, and they say what to install).
 """
 
 from __future__ import annotations
 
+import ctypes.util
 import os
 
-os.environ.setdefault("MUJOCO_GL", "osmesa")
+
+def default_mujoco_gl(environ=os.environ, find_library=ctypes.util.find_library) -> None:
+    if "MUJOCO_GL" not in environ and find_library("OSMesa"):
+        environ["MUJOCO_GL"] = "osmesa"
+
+
+default_mujoco_gl()
 
 from fluxrl.errors import FluxrlError  # noqa: E402
 from fluxrl.names import parse_task  # noqa: E402

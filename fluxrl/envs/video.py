@@ -34,7 +34,7 @@ def render_frame(env) -> np.ndarray:
         backend = os.environ.get("MUJOCO_GL", "<unset>")
         raise FluxrlError(
             f"Offscreen rendering failed with MUJOCO_GL={backend} ({type(e).__name__}: {e}); install libosmesa6 "
-            f"and set MUJOCO_GL=osmesa (or egl on a GPU machine) before Python imports mujoco."
+            f"(fluxrl then selects it) or set MUJOCO_GL=egl on a GPU machine before Python imports mujoco."
         ) from None
     if frame is None:
         raise FluxrlError("The environment returned no frame from render(); was it made with a render size?")
