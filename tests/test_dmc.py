@@ -298,18 +298,26 @@ def test_generation_does_not_depend_on_the_worker_count():
 
 
 # ---------------------------------------------------------------------------------------------- rendering
-osmesa_missing = os.environ.get("MUJOCO_GL", "osmesa") == "osmesa" and ctypes.util.find_library("OSMesa") is None
+osmesa_missing = (os.environ.get("MUJOCO_GL", "osmesa") in ("osmesa", "disable")
+                  and ctypes.util.find_library("OSMesa") is None)
 
 
 def test_mujoco_gl_is_osmesa_only_where_the_library_exists():
     # With MUJOCO_GL=osmesa and no libOSMesa, `import mujoco` fails: simulation must not depend on it.
     from fluxrl.envs import default_mujoco_gl
 
-    for found, user_choice, expected in [("libOSMesa.so.8", None, "osmesa"), (None, None, None),
-                                         ("libOSMesa.so.8", "egl", "egl"), (None, "egl", "egl")]:
-        environ = {} if user_choice is None else {"MUJOCO_GL": user_choice}
-        default_mujoco_gl(environ, find_library=lambda name, found=found: found if name == "OSMesa" else None)
-        assert environ.get("MUJOCO_GL") == expected
+    cases = [  # (libOSMesa found, system, environment before, MUJOCO_GL after)
+        (True, "Linux", {}, "osmesa"),
+        (False, "Linux", {}, "disable"),
+        (False, "Linux", {"DISPLAY": ":0"}, None),
+        (False, "Darwin", {}, None),
+        (True, "Linux", {"MUJOCO_GL": "egl"}, "egl"),
+        (False, "Linux", {"MUJOCO_GL": "egl"}, "egl"),
+    ]
+    for found, system, environ, expected in cases:
+        default_mujoco_gl(environ, lambda name, found=found: "libOSMesa.so.8" if found and name == "OSMesa" else None,
+                          system)
+        assert environ.get("MUJOCO_GL") == expected, (found, system, environ)
 
 
 @pytest.mark.skipif(osmesa_missing, reason="libOSMesa is not installed: MuJoCo cannot render offscreen here")

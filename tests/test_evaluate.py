@@ -219,7 +219,8 @@ def test_write_video_pads_odd_sizes_for_mp4(tmp_path):
     assert len(back) == 4 and back[0].shape == (6, 8, 3)
 
 
-osmesa_missing = os.environ.get("MUJOCO_GL", "osmesa") == "osmesa" and ctypes.util.find_library("OSMesa") is None
+osmesa_missing = (os.environ.get("MUJOCO_GL", "osmesa") in ("osmesa", "disable")
+                  and ctypes.util.find_library("OSMesa") is None)
 
 
 @pytest.mark.skipif(osmesa_missing, reason="libOSMesa is not installed: MuJoCo cannot render offscreen here")

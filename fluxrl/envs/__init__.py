@@ -2,19 +2,25 @@
 
 MuJoCo picks its OpenGL backend when it is first imported, so MUJOCO_GL is set here (osmesa, which renders
 offscreen on any Linux machine with libosmesa6) unless the user chose one; set MUJOCO_GL=egl for GPU rendering.
-Without libosmesa6 it stays unset: `import mujoco` with MUJOCO_GL=osmesa fails outright, and simulation, data
-generation and training need no rendering (only videos do, and they say what to install).
+Without libosmesa6 a headless Linux machine gets MUJOCO_GL=disable (`import mujoco` under MUJOCO_GL=osmesa fails
+outright, and left unset GLFW warns about the missing display): simulation, data generation and training need no
+rendering, and a video says what to install.
 """
 
 from __future__ import annotations
 
 import ctypes.util
 import os
+import platform
 
 
-def default_mujoco_gl(environ=os.environ, find_library=ctypes.util.find_library) -> None:
-    if "MUJOCO_GL" not in environ and find_library("OSMesa"):
+def default_mujoco_gl(environ=os.environ, find_library=ctypes.util.find_library, system=platform.system()) -> None:
+    if "MUJOCO_GL" in environ:
+        return
+    if find_library("OSMesa"):
         environ["MUJOCO_GL"] = "osmesa"
+    elif system == "Linux" and not (environ.get("DISPLAY") or environ.get("WAYLAND_DISPLAY")):
+        environ["MUJOCO_GL"] = "disable"
 
 
 default_mujoco_gl()
