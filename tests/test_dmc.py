@@ -1,8 +1,5 @@
 """DMC (ExORL task set): envs, exploration data, reward relabelling from stored physics states."""
 
-import ctypes.util
-import os
-
 import numpy as np
 import pytest
 
@@ -298,10 +295,6 @@ def test_generation_does_not_depend_on_the_worker_count():
 
 
 # ---------------------------------------------------------------------------------------------- rendering
-osmesa_missing = (os.environ.get("MUJOCO_GL", "osmesa") in ("osmesa", "disable")
-                  and ctypes.util.find_library("OSMesa") is None)
-
-
 def test_mujoco_gl_is_osmesa_only_where_the_library_exists():
     # With MUJOCO_GL=osmesa and no libOSMesa, `import mujoco` fails: simulation must not depend on it.
     from fluxrl.envs import default_mujoco_gl
@@ -320,7 +313,7 @@ def test_mujoco_gl_is_osmesa_only_where_the_library_exists():
         assert environ.get("MUJOCO_GL") == expected, (found, system, environ)
 
 
-@pytest.mark.skipif(osmesa_missing, reason="libOSMesa is not installed: MuJoCo cannot render offscreen here")
+@pytest.mark.mujoco_render
 @pytest.mark.parametrize("task", ["walker-flip", "jaco-reach_top_left"])
 def test_offscreen_render(task):
     env = make_dmc_env(task, seed=0, render_size=(24, 32))

@@ -1,7 +1,6 @@
 """evaluate(): exact returns/successes/lengths on a toy env, action chunks executed open loop, determinism under a
 seed, the JAX adapter, videos."""
 
-import ctypes.util
 import os
 
 import gymnasium
@@ -219,11 +218,7 @@ def test_write_video_pads_odd_sizes_for_mp4(tmp_path):
     assert len(back) == 4 and back[0].shape == (6, 8, 3)
 
 
-osmesa_missing = (os.environ.get("MUJOCO_GL", "osmesa") in ("osmesa", "disable")
-                  and ctypes.util.find_library("OSMesa") is None)
-
-
-@pytest.mark.skipif(osmesa_missing, reason="libOSMesa is not installed: MuJoCo cannot render offscreen here")
+@pytest.mark.mujoco_render
 @pytest.mark.parametrize("ext", [".gif", ".mp4"])
 def test_mujoco_video(tmp_path, ext):
     path = str(tmp_path / f"maze{ext}")
