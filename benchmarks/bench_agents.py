@@ -2,19 +2,23 @@
 
 Usage: .venv/bin/python benchmarks/bench_agents.py [--agents fql rebrac] [--presets cpu paper] [--seeds 1 4]
        [--unfused] [--repeats 3] [--steps 200]
+       [--json FILE] [--trace DIR]
 
 Each update samples its batch (256) from a device-resident synthetic dataset (cube-single's sizes: obs 28,
 action 5, 1M rows) and runs the agent's update, exactly as the engine does: `--steps` updates fused in one
 `lax.scan` per call, N seeds vmapped. `--unfused` adds the same work as one jitted update per Python call.
 FLOPs per update come from XLA's cost analysis of the compiled single update (one seed, loops unrolled). The peak is the median
-fp32 throughput of 4096×4096 matmuls (`jnp.dot`) on this machine. Medians of `--repeats` timed calls after a
-warm-up call; prints a markdown table and the load average.
+throughput of square fp32 matmuls (`jnp.dot` on random inputs; 4096² on a CPU, 8192² on a GPU) at JAX's default
+precision, the one the agents run at: on an NVIDIA GPU that is TF32, so the full-fp32 rate is printed beside it.
+Medians of `--repeats` timed calls after a warm-up call; prints a markdown table and the load average, and with
+`--json` writes the rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import statistics
 import time
@@ -55,14 +59,25 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def matmul_peak(repeats: int, n: int = 4096) -> float:
-    a = jnp.ones((n, n), jnp.float32)
-    b = jnp.ones((n, n), jnp.float32)
-    dot = jax.jit(jnp.dot)
+def matmul_peak(repeats: int, n: int | None = None, precision: str | None = None) -> float:
+    """Median FLOP/s of an n×n fp32 matmul at `precision` (None: JAX's default)."""
+    n = n or (4096 if jax.default_backend() == "cpu" else 8192)
+    a, b = jax.random.normal(jax.random.key(0), (2, n, n), jnp.float32)  # constant inputs can run faster than real data
+    dot = jax.jit(functools.partial(jnp.dot, precision=precision))
     return 2 * n**3 / timed(lambda: dot(a, b), repeats)
 
 
-def bench_agent(name: str, preset: str, seeds: int, steps: int, repeats: int, sampler: Sampler, unfused: bool):
+def agent_flops(name: str, preset: str, sampler: Sampler) -> float:
+    """XLA's FLOP count of one seed's update of agent `name` at `preset`."""
+    module = agents.get(name)
+    config = agents.make_config(name, preset)
+    batch = sampler.sample(jax.random.key(0), BATCH, module.BATCH_SPEC.keys)
+    return update_flops(module.update, module.init(jax.random.key(1), batch, config), batch)
+
+
+def bench_agent(name: str, preset: str, seeds: int, steps: int, repeats: int, sampler: Sampler, unfused: bool,
+                trace: str | None = None):
+    """{"fused": seed-updates/s, and "unfused" with unfused=True} of agent `name` at `preset`, `seeds` vmapped."""
     module = agents.get(name)
     config = agents.make_config(name, preset)
     fields = module.BATCH_SPEC.keys
@@ -84,6 +99,10 @@ def bench_agent(name: str, preset: str, seeds: int, steps: int, repeats: int, sa
 
     fused = jax.jit(lambda c, ks: jax.lax.scan(one, c, ks)[0])
     row = {"fused": steps * seeds / timed(lambda: fused((states, metrics0), keys), repeats)}
+    if trace:  # a Perfetto trace of two more fused calls, for per-kernel times
+        with jax.profiler.trace(os.path.join(trace, f"{name}-{preset}-{seeds}"), create_perfetto_trace=True):
+            for _ in range(2):
+                jax.block_until_ready(fused((states, metrics0), keys))
 
     single = jax.jit(lambda c, k: one(c, k)[0])
     if unfused:
@@ -94,9 +113,6 @@ def bench_agent(name: str, preset: str, seeds: int, steps: int, repeats: int, sa
             return carry
 
         row["unfused"] = steps * seeds / timed(loop, repeats)
-    one_seed = jax.tree_util.tree_map(lambda x: x[0], states)
-    batch = sampler.sample(jax.random.key(0), BATCH, fields)
-    row["flops"] = update_flops(module.update, one_seed, batch)
     return row
 
 
@@ -122,22 +138,37 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--unfused", action="store_true")
+    parser.add_argument("--json", help="also write the measurements to this JSON file")
+    parser.add_argument("--trace", help="write a Perfetto trace of each fused configuration under this folder")
     args = parser.parse_args()
 
     sampler = Sampler.create(make_data(args.rows, 28, 5))
     peak = matmul_peak(args.repeats)
-    print(f"device: {jax.devices()[0].device_kind}; measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
-    print("\n| agent | preset | seeds | fused steps/s | unfused steps/s | GFLOP/update | fraction of peak |")
+    device = jax.devices()[0].device_kind
+    print(f"device: {device}; jax {jax.__version__}; measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s at the "
+          f"default precision", end="")
+    full_fp32 = None
+    if jax.default_backend() != "cpu":
+        full_fp32 = matmul_peak(args.repeats, precision="highest")
+        print(f", {full_fp32 / 1e9:.1f} GFLOP/s at full fp32 ('highest')", end="")
+    print("\n\n| agent | preset | seeds | fused steps/s | unfused steps/s | GFLOP/update | fraction of peak |")
     print("|---|---|---|---|---|---|---|")
+    rows = []
     for name in args.agents:
         for preset in args.presets:
+            flops = agent_flops(name, preset, sampler)
             for seeds in args.seeds:
-                row = bench_agent(name, preset, seeds, args.steps, args.repeats, sampler, args.unfused)
+                row = bench_agent(name, preset, seeds, args.steps, args.repeats, sampler, args.unfused, args.trace)
+                row.update(agent=name, preset=preset, seeds=seeds, flops=flops, fraction=row["fused"] * flops / peak)
+                rows.append(row)
                 unfused = f"{row['unfused']:.1f}" if "unfused" in row else "–"
-                fraction = row["fused"] * row["flops"] / peak
-                print(f"| {name} | {preset} | {seeds} | {row['fused']:.1f} | {unfused} | {row['flops'] / 1e9:.2f} "
-                      f"| {fraction:.2f} |", flush=True)
+                print(f"| {name} | {preset} | {seeds} | {row['fused']:.1f} | {unfused} | {flops / 1e9:.2f} "
+                      f"| {row['fraction']:.3f} |", flush=True)
     print(f"\nload average at the end: {os.getloadavg()}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device, "jax": jax.__version__, "peak_flops": peak, "peak_flops_fp32": full_fp32,
+                       "steps_per_call": args.steps, "repeats": args.repeats, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """`fluxrl train | export | plot` end to end with the tiny agent and env, the dataset cache, and bad input."""
 
+import importlib.metadata
 import json
 import os
 import sys
@@ -99,6 +100,18 @@ def test_export_and_load_policy(trained, tmp_path, capsys):
     one_error_line(capsys, "already exists")
     assert main(["export", str(trained), "--seed", "7"]) == 2
     one_error_line(capsys, "--seed 7 is not a seed", "0, 1")
+
+
+def test_export_from_a_checkout_that_is_not_installed(trained, tmp_path, monkeypatch):
+    """fluxrl run from a source tree on PYTHONPATH has no package metadata: the export says so, and works."""
+    def no_metadata(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", no_metadata)
+    out = tmp_path / "policy"
+    assert main(["export", str(trained), "--seed", "0", "--out", str(out)]) == 0
+    assert json.loads((out / "policy.json").read_text())["fluxrl_version"] == "unknown (not installed)"
+    assert load_policy(str(out))(np.zeros(tiny.OBS_DIM, np.float32)).shape == (tiny.ACT_DIM,)
 
 
 def test_restore_seed_states_gives_every_seeds_checkpointed_state(trained):

@@ -33,6 +33,14 @@ FORMAT_VERSION = 1
 AGENT_PREFIX = ".agent"  # leaf paths of the agent's state inside the training carry
 
 
+def _fluxrl_version() -> str:
+    """The installed fluxrl's version; a source checkout on PYTHONPATH, never pip-installed, has none."""
+    try:
+        return importlib.metadata.version("fluxrl")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def _example_batch(spec: dict) -> dict:
     return {k: jnp.zeros([1] + list(shape), dtype) for k, (shape, dtype) in spec.items()}
 
@@ -158,7 +166,7 @@ def export_policy(run_dir: str, seed: int | None = None, out: str | None = None,
         "seed": seed,
         "step": step,
         "run_dir": os.path.abspath(run_dir),
-        "fluxrl_version": importlib.metadata.version("fluxrl"),
+        "fluxrl_version": _fluxrl_version(),
         "arrays": [{"name": f"{i:06d}", "signature": sig, "key_impl": impl} for i, _, sig, impl in leaves],
     }
     parent = os.path.dirname(out)
