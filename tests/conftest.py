@@ -15,14 +15,17 @@ import fluxrl.envs  # noqa: F401
 # default already. Training keeps JAX's default (docs/training.md, "Performance (GPU)").
 jax.config.update("jax_default_matmul_precision", "highest")
 
-OSMESA_MISSING = (os.environ.get("MUJOCO_GL", "osmesa") in ("osmesa", "disable")
-                  and ctypes.util.find_library("OSMesa") is None)
+# fluxrl.envs chose the backend above: `disable` where libOSMesa is missing on a headless machine. A user's
+# MUJOCO_GL=disable renders nothing either, and MUJOCO_GL=osmesa needs the library.
+MUJOCO_GL = os.environ.get("MUJOCO_GL")
+CANNOT_RENDER = MUJOCO_GL == "disable" or (MUJOCO_GL == "osmesa" and ctypes.util.find_library("OSMesa") is None)
 
 
 def pytest_collection_modifyitems(config, items):
-    if not OSMESA_MISSING:
+    if not CANNOT_RENDER:
         return
-    skip = pytest.mark.skip(reason="libOSMesa is not installed: MuJoCo cannot render offscreen here")
+    skip = pytest.mark.skip(reason=f"MuJoCo cannot render offscreen with MUJOCO_GL={MUJOCO_GL} (osmesa needs "
+                                   "Debian's libosmesa6)")
     for item in items:
         if "mujoco_render" in item.keywords:
             item.add_marker(skip)
