@@ -12,6 +12,8 @@ throughput of square fp32 matmuls (`jnp.dot` on random inputs; 4096² on a CPU, 
 precision, the one the agents run at: on an NVIDIA GPU that is TF32, so the full-fp32 rate is printed beside it.
 Medians of `--repeats` timed calls after a warm-up call; prints a markdown table and the load average, and with
 `--json` writes the rows.
+Runs under the XLA flag `import fluxrl` sets on CPU (docs/training.md); with
+`XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=+reduce` it measures XLA's default instead.
 """
 
 from __future__ import annotations
