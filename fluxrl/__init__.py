@@ -22,14 +22,16 @@ def with_xla_reductions(flags: str, jaxlib: str | None) -> str:
     return f"{flags} {YNN_FLAG}=-reduce".strip()
 
 
-def _jaxlib_version() -> str | None:
+def installed_version(package: str) -> str | None:
+    """`package`'s installed version, or None where it has no package metadata (e.g. a source checkout on
+    PYTHONPATH)."""
     try:
-        return metadata.version("jaxlib")
+        return metadata.version(package)
     except metadata.PackageNotFoundError:
         return None
 
 
-if _flags := with_xla_reductions(os.environ.get("XLA_FLAGS", ""), _jaxlib_version()):
+if _flags := with_xla_reductions(os.environ.get("XLA_FLAGS", ""), installed_version("jaxlib")):
     os.environ["XLA_FLAGS"] = _flags
 
 

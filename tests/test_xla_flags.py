@@ -28,7 +28,10 @@ print(os.environ.get("XLA_FLAGS"), "|", hlo.count('"__ynn_fusion"'), "|", jax.de
 """
 
 
-@pytest.mark.skipif(not (fluxrl._jaxlib_version() or "").startswith(fluxrl.YNN_FLAG_JAXLIB), reason="jaxlib not measured")
+MEASURED_JAXLIB = (fluxrl.installed_version("jaxlib") or "").startswith(fluxrl.YNN_FLAG_JAXLIB)
+
+
+@pytest.mark.skipif(not MEASURED_JAXLIB, reason="the flag is set only on the jaxlib measured")
 @pytest.mark.parametrize("user_flags, expected_flags, ynn_fusions, devices", [
     (None, f"{YNN_FLAG}=-reduce", 0, 1),
     ("--xla_force_host_platform_device_count=2", f"--xla_force_host_platform_device_count=2 {YNN_FLAG}=-reduce", 0, 2),

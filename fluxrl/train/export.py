@@ -12,7 +12,6 @@ load_policy rebuilds a state with the agent's init from policy.json and puts the
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fluxrl import installed_version
 from fluxrl.errors import FluxrlError
 from fluxrl.train.checkpoint import Checkpointer, leaf_signature, parse_signature
 from fluxrl.train.config import TrainConfig, from_jsonable, resolve_agent
@@ -31,14 +31,6 @@ POLICY_FILE = "policy.json"
 PARAMS_FILE = "params.npz"
 FORMAT_VERSION = 1
 AGENT_PREFIX = ".agent"  # leaf paths of the agent's state inside the training carry
-
-
-def _fluxrl_version() -> str:
-    """The installed fluxrl's version; a source checkout on PYTHONPATH, never pip-installed, has none."""
-    try:
-        return importlib.metadata.version("fluxrl")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown (not installed)"
 
 
 def _example_batch(spec: dict) -> dict:
@@ -166,7 +158,7 @@ def export_policy(run_dir: str, seed: int | None = None, out: str | None = None,
         "seed": seed,
         "step": step,
         "run_dir": os.path.abspath(run_dir),
-        "fluxrl_version": _fluxrl_version(),
+        "fluxrl_version": installed_version("fluxrl") or "unknown (not installed)",
         "arrays": [{"name": f"{i:06d}", "signature": sig, "key_impl": impl} for i, _, sig, impl in leaves],
     }
     parent = os.path.dirname(out)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import os
 import platform
 
 import numpy as np
 
+from fluxrl import installed_version
 from fluxrl.data.dataset import is_compact, num_episodes, num_transitions
 
 VERSIONED_PACKAGES = ("fluxrl", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "ogbench", "mujoco",
@@ -20,10 +20,7 @@ SUMMARY_FILE = "summary.md"
 def versions() -> dict[str, str]:
     out = {}
     for package in VERSIONED_PACKAGES:
-        try:
-            out[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            out[package] = "not installed"
+        out[package] = installed_version(package) or "not installed"
     out["python"] = platform.python_version()
     out["platform"] = platform.platform()
     import jax
