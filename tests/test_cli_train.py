@@ -203,17 +203,29 @@ def test_plot_band_is_a_bootstrap_interval_of_the_mean():
     assert np.isnan(low1[0])  # no band from a single curve
 
 
-def test_tensorboard_and_missing_wandb(tmp_path, dataset, capsys):
+def test_tensorboard_and_missing_wandb(tmp_path, dataset, capsys, monkeypatch):
     run = tmp_path / "tb"
     assert main(train_argv(run, dataset, "--steps", "10", "--eval_episodes", "0", "--tensorboard")) == 0
     assert sorted(os.listdir(run / "tb")) == ["seed_0", "seed_1"]
     assert any(f.startswith("events.out") for f in os.listdir(run / "tb" / "seed_0"))
-    try:
-        import wandb  # noqa: F401
-    except ImportError:
-        assert main(train_argv(tmp_path / "wb", dataset, "--wandb")) == 2
-        one_error_line(capsys, "--wandb needs the wandb package")
-        assert not (tmp_path / "wb").exists()  # refused before anything was written
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now fails as if it were not installed
+    assert main(train_argv(tmp_path / "wb", dataset, "--wandb")) == 2
+    one_error_line(capsys, "--wandb needs the wandb package")
+    assert not (tmp_path / "wb").exists()  # refused before anything was written
+
+
+def test_wandb_offline_run_with_the_real_package(tmp_path, dataset, monkeypatch):
+    """W&B in offline mode (the default) writes its run under the run directory, per seed and the mean."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tmp_path / "wb"
+    assert main(train_argv(run, dataset, "--steps", "20", "--eval_episodes", "0", "--wandb")) == 0
+    offline_runs = [d for d in os.listdir(run / "wandb") if d.startswith("offline-run-")]
+    assert len(offline_runs) == 1 and offline_runs[0].endswith("-wb")  # the run directory's name is the W&B id
+    records = (run / "wandb" / offline_runs[0] / "run-wb.wandb").read_bytes()
+    metric = next(k for k in (run / "train.csv").read_text().splitlines()[0].split(",") if k.startswith("training/"))
+    for key in (f"seed_0/{metric}", f"seed_1/{metric}", metric):
+        assert key.encode() in records, key
 
 
 def test_divergence_exits_non_zero_with_one_message(tmp_path, dataset, capsys):

@@ -576,13 +576,16 @@ def test_wandb_sink_logs_per_seed_and_mean(tmp_path, monkeypatch):
 
     logged, inits = [], []
     run = types.SimpleNamespace(log=lambda payload, step: logged.append((step, payload)), finish=lambda: None)
-    fake = types.SimpleNamespace(init=lambda **kw: inits.append(kw) or run)
+    fake = types.SimpleNamespace(init=lambda **kw: inits.append(kw) or run, Settings=lambda **kw: kw)
     monkeypatch.setitem(__import__("sys").modules, "wandb", fake)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     sink = WandbSink(str(tmp_path), "proj", "name", {"a": 1}, "id1")
     sink.write("train", 10, [{"seed": 0, "training/loss": 1.0}, {"seed": 1, "training/loss": 3.0}])
     sink.close()
     assert inits[0]["mode"] == "offline" and inits[0]["resume"] == "allow" and inits[0]["id"] == "id1"
+    assert inits[0]["settings"] is None
+    WandbSink(str(tmp_path), "proj", "name", {"a": 1}, "id2", quiet=True)
+    assert inits[1]["settings"] == {"quiet": True}  # --quiet: no run summary from W&B either
     assert logged == [(10, {"seed_0/training/loss": 1.0, "seed_1/training/loss": 3.0, "training/loss": 2.0})]
 
 

@@ -462,7 +462,9 @@ class Trainer:
             sinks.append(TensorBoardSink(self.run_dir, self.seeds))
         if self.cfg.wandb:
             name = os.path.basename(self.run_dir)
-            sinks.append(WandbSink(self.run_dir, self.cfg.wandb_project, name, self.config_record(), name))
+            sinks.append(
+                WandbSink(self.run_dir, self.cfg.wandb_project, name, self.config_record(), name, self.cfg.quiet)
+            )
         self.sink = MultiSink(sinks)
 
     # --- run ---------------------------------------------------------------------------------------------------

@@ -115,13 +115,15 @@ def import_wandb():
 
 
 class WandbSink:
-    def __init__(self, run_dir: str, project: str, name: str, config: dict, run_id: str):
+    def __init__(self, run_dir: str, project: str, name: str, config: dict, run_id: str, quiet: bool = False):
         wandb = import_wandb()
         os.environ.setdefault("WANDB_MODE", "offline")  # compute nodes often have no network; `wandb sync` later
         self._wandb = wandb
         self._run = wandb.init(
             project=project, name=name, id=run_id, resume="allow", dir=run_dir, config=config,
             mode=os.environ["WANDB_MODE"],
+            # --quiet: W&B still says where the run is saved, but prints no run summary or history
+            settings=wandb.Settings(quiet=True) if quiet else None,
         )
 
     def write(self, kind: str, step: int, rows: list[dict]) -> None:
