@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 from fluxrl.flows import euler, flow_matching_errors, flow_matching_loss, integrate, linear_path, midpoint
-from fluxrl.nn import MLP, DiagGaussian, GaussianActor, Value, VectorField, default_init
+from fluxrl.nn import MLP, DiagGaussian, GaussianActor, Value, VectorField, default_init, vector_field_given
 
 
 def _gelu_tanh(x):
@@ -95,6 +95,28 @@ def test_vector_field_time_input_broadcasts_and_matters():
     assert params["MLP_0"]["Dense_0"]["kernel"].shape == (3 + 2 + 1, 16)  # raw scalar time, no embedding
     one_step = vf.init(jax.random.PRNGKey(0), obs, x)["params"]
     assert one_step["MLP_0"]["Dense_0"]["kernel"].shape == (3 + 2, 16)
+
+
+@pytest.mark.parametrize("hidden", [(16,), (16, 12, 8)])
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_vector_field_given_a_condition_equals_the_full_vector_field(hidden, layer_norm):
+    """The condition's first-layer share computed once, broadcast over samples (N = 4 per condition): the same
+    velocities as the vector field on the tiled condition, for scalar and per-row times."""
+    rng = np.random.default_rng(0)
+    cond = rng.normal(size=(3, 1, 6)).astype(np.float32)
+    x = rng.normal(size=(3, 4, 2)).astype(np.float32)
+    tiled = np.broadcast_to(cond, (3, 4, 6))
+    vf = VectorField(hidden, layer_norm=layer_norm)
+    params = vf.init(jax.random.PRNGKey(0), tiled, x, 0.0)["params"]
+    # Random biases / LN params so that a dropped bias or a misnumbered layer would show.
+    params = jax.tree_util.tree_map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
+    velocity = jax.jit(lambda x, t: vector_field_given(vf, params, cond)(x, t))
+    for t in (0.3, jnp.asarray(rng.uniform(size=(3, 4)), jnp.float32)):
+        expected = vf.apply({"params": params}, tiled, x, t)
+        np.testing.assert_allclose(velocity(x, t), expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(velocity(x, 0.3), velocity(x, 0.7))
+    with pytest.raises(ValueError, match="x has 3 features"):
+        vector_field_given(vf, params, cond)(np.zeros((3, 4, 3), np.float32), 0.0)
 
 
 # --- Gaussian heads ----------------------------------------------------------------------------------------

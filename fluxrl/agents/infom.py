@@ -74,7 +74,7 @@ from fluxrl.agents.base import (
 )
 from fluxrl.errors import FluxrlError
 from fluxrl.flows import euler
-from fluxrl.nn import GaussianActor, Value, VectorField
+from fluxrl.nn import GaussianActor, Value, VectorField, vector_field_given
 from fluxrl.nn.intention import IntentionEncoder, kl_to_standard_normal
 
 NAME = "infom"
@@ -301,12 +301,13 @@ def velocity(vf_params, cond, x, t, config) -> jax.Array:
 
 
 def flow_samples(vf_params, cond, noises, state: State) -> jax.Array:
-    """num_flow_steps Euler steps of v(. | cond) from `noises` (any leading shape), clipped to the data range after
-    every step when clip_flow_goals (official compute_fwd_flow_goals)."""
+    """num_flow_steps Euler steps of v(. | cond) from `noises` (any leading shape; cond need only broadcast against
+    it), clipped to the data range after every step when clip_flow_goals (official compute_fwd_flow_goals). The
+    condition's share of the vf's first layer is computed once, not at every step."""
     config = state.config
     clip = (state.flow_low, state.flow_high) if config.clip_flow_goals else None
     return euler(
-        lambda x, t: velocity(vf_params, cond, x, t, config),
+        vector_field_given(vector_field(config), vf_params, cond),
         noises,
         config.num_flow_steps,
         clip=clip,
@@ -318,18 +319,18 @@ def q_estimates(vf_params, reward_params, observations, actions, latents, key, s
     """Monte-Carlo Q_hat_z(s, a) = 1/(1 - gamma) mean_{i<N} r(s_f^(i)), s_f^(i) ~ q(. | s, a, z) (the vf given).
 
     observations (B, obs_dim), actions (B, action_dim), latents (B, *G, L): one estimate per latent, each from its
-    own N = num_flow_goals samples; returns (B, *G). All B x G x N flows run as one batch in one Euler scan.
+    own N = num_flow_goals samples; returns (B, *G). All B x G x N flows run as one batch in one Euler scan, and
+    the condition (s, a, z) enters the vf's first layer once per estimate, not once per sample and step.
     Differentiable in its inputs: callers stop gradients."""
     config = state.config
     groups = latents.shape[:-1]
     n = config.num_flow_goals
 
-    def spread(x):  # (B, d) -> (*groups, N, d)
-        x = x.reshape((x.shape[0],) + (1,) * (len(groups) - 1) + (1, x.shape[-1]))
-        return jnp.broadcast_to(x, (*groups, n, x.shape[-1]))
+    def spread(x):  # (B, d) -> (*groups, d)
+        x = x.reshape((x.shape[0],) + (1,) * (len(groups) - 1) + (x.shape[-1],))
+        return jnp.broadcast_to(x, (*groups, x.shape[-1]))
 
-    latents = jnp.broadcast_to(latents[..., None, :], (*groups, n, latents.shape[-1]))
-    cond = condition(spread(observations), spread(actions), latents)
+    cond = condition(spread(observations), spread(actions), latents)[..., None, :]  # (*groups, 1, d): one per N
     noises = jax.random.normal(key, (*groups, n, observations.shape[-1]), observations.dtype)
     goals = flow_samples(vf_params, cond, noises, state)
     rewards = reward_network(config).apply({"params": reward_params}, goals)

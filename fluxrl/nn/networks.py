@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -39,13 +39,49 @@ class VectorField(nn.Module):
     def __call__(self, observations: jax.Array, x: jax.Array, times: jax.Array | float | None = None) -> jax.Array:
         inputs = [observations, x]
         if times is not None:
-            t = jnp.asarray(times, x.dtype)
-            if t.ndim == x.ndim - 1 and t.ndim > 0:  # one time per row, given as shape (*batch,)
-                t = t[..., None]
-            inputs.append(jnp.broadcast_to(t, (*x.shape[:-1], 1)))
+            inputs.append(_time_column(times, x))
         return MLP((*self.hidden_dims, x.shape[-1]), activate_final=False, layer_norm=self.layer_norm)(
             jnp.concatenate(inputs, axis=-1)
         )
+
+
+def _time_column(times: jax.Array | float, x: jax.Array) -> jax.Array:
+    """The time input as one column per row of x; times is a scalar or one time per row, shape (*batch,)."""
+    t = jnp.asarray(times, x.dtype)
+    if t.ndim == x.ndim - 1 and t.ndim > 0:
+        t = t[..., None]
+    return jnp.broadcast_to(t, (*x.shape[:-1], 1))
+
+
+def vector_field_given(vf: VectorField, params: dict, observations: jax.Array) -> Callable[[jax.Array, Any], jax.Array]:
+    """(x, t) -> vf.apply({"params": params}, observations, x, t), with the observations' share of the first layer
+    (observations @ K_s + b) computed once, here, instead of at every call: a flow that integrates many x for one
+    condition (K Euler steps, N Monte-Carlo samples) pays for it once. `observations` need only broadcast against
+    x's leading axes, e.g. (B, 1, d) for x of shape (B, N, dx). Equal to vf.apply up to float rounding."""
+    mlp = params["MLP_0"]
+    kernel, bias = mlp["Dense_0"]["kernel"], mlp["Dense_0"]["bias"]
+    d = observations.shape[-1]
+    share = observations @ kernel[:d] + bias
+    x_kernel, t_kernel = kernel[d:-1], kernel[-1]  # VectorField's input order: (observations, x, t)
+    # The rest of the MLP: its layers renumbered from 0, as an MLP one layer shorter names them.
+    depth = len(vf.hidden_dims)
+    rest = MLP((*vf.hidden_dims[1:], mlp[f"Dense_{depth}"]["kernel"].shape[-1]), layer_norm=vf.layer_norm)
+    rest_params = {f"Dense_{i - 1}": mlp[f"Dense_{i}"] for i in range(1, depth + 1)}
+    if vf.layer_norm:
+        rest_params |= {f"LayerNorm_{i - 1}": mlp[f"LayerNorm_{i}"] for i in range(1, depth)}
+
+    def velocity(x: jax.Array, times: jax.Array | float) -> jax.Array:
+        if x.shape[-1] != x_kernel.shape[0]:
+            raise ValueError(
+                f"x has {x.shape[-1]} features, but this vector field (with times) takes {x_kernel.shape[0]} "
+                f"next to the {d} condition features."
+            )
+        hidden = rest.activation(share + x @ x_kernel + _time_column(times, x) * t_kernel)
+        if vf.layer_norm:
+            hidden = nn.LayerNorm().apply({"params": mlp["LayerNorm_0"]}, hidden)
+        return rest.apply({"params": rest_params}, hidden)
+
+    return velocity
 
 
 class GaussianActor(nn.Module):
