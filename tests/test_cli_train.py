@@ -215,7 +215,7 @@ def test_tensorboard_and_missing_wandb(tmp_path, dataset, capsys, monkeypatch):
 
 
 def test_wandb_offline_run_with_the_real_package(tmp_path, dataset, monkeypatch):
-    """W&B in offline mode (the default) writes its run under the run directory, per seed and the mean."""
+    """W&B in offline mode writes its run under the run directory: each seed's metrics and their mean."""
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     run = tmp_path / "wb"

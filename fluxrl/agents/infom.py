@@ -330,7 +330,7 @@ def q_estimates(vf_params, reward_params, observations, actions, latents, key, s
         x = x.reshape((x.shape[0],) + (1,) * (len(groups) - 1) + (x.shape[-1],))
         return jnp.broadcast_to(x, (*groups, x.shape[-1]))
 
-    cond = condition(spread(observations), spread(actions), latents)[..., None, :]  # (*groups, 1, d): one per N
+    cond = condition(spread(observations), spread(actions), latents)[..., None, :]  # (*groups, 1, d): one for all N
     noises = jax.random.normal(key, (*groups, n, observations.shape[-1]), observations.dtype)
     goals = flow_samples(vf_params, cond, noises, state)
     rewards = reward_network(config).apply({"params": reward_params}, goals)
