@@ -209,8 +209,11 @@ def test_scan_fused_updates_equal_single_updates():
     carry = Carry(agent=state, key=seed_keys(seeds, 1), acc=empty_accumulator(["actor_loss", "critic_loss"], 2))
     chunk = make_offline_chunk(agent, cfg.batch_size, fields)
     K = 12
-    fused = chunk(carry, sampler, jnp.int32(0), K)
-    stepped = carry
+    fresh = lambda: jax.tree_util.tree_map(jnp.copy, carry)  # noqa: E731  (the chunk donates the carry it gets)
+    given = fresh()
+    fused = chunk(given, sampler, jnp.int32(0), K)
+    assert all(x.is_deleted() for x in jax.tree_util.tree_leaves(given))  # donated: updated in place, not copied at every call
+    stepped = fresh()
     for i in range(K):
         stepped = chunk(stepped, sampler, jnp.int32(i), 1)
     assert_trees_equal(fused, stepped)
