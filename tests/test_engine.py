@@ -212,7 +212,7 @@ def test_scan_fused_updates_equal_single_updates():
     fresh = lambda: jax.tree_util.tree_map(jnp.copy, carry)  # noqa: E731  (the chunk donates the carry it gets)
     given = fresh()
     fused = chunk(given, sampler, jnp.int32(0), K)
-    assert all(x.is_deleted() for x in jax.tree_util.tree_leaves(given))  # donated: updated in place, not copied at every call
+    assert all(x.is_deleted() for x in jax.tree_util.tree_leaves(given))  # donated: updated in place, not copied
     stepped = fresh()
     for i in range(K):
         stepped = chunk(stepped, sampler, jnp.int32(i), 1)
