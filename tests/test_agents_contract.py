@@ -87,6 +87,9 @@ def test_module_declares_the_contract(setup):
     assert m.for_task(m.PRESETS["cpu"], None, "cpu") == m.PRESETS["cpu"]
     with pytest.raises(FluxrlError, match="preset"):
         m.for_task(m.PRESETS["paper"], None, "huge")
+    if hasattr(m, "PER_TASK_FIELDS"):
+        assert set(m.PER_TASK_FIELDS) <= {f.name for f in dataclasses.fields(m.Config)}
+        assert isinstance(m.TASK_VALUES, dict)
 
 
 def test_paper_defaults_are_the_official_ones(setup):
@@ -276,6 +279,30 @@ def test_per_task_paper_values(agent, task, expected):
     for preset in ("paper", "cpu"):  # alpha depends on the task's reward scale, not on network size
         config = agents.make_config(agent, preset, task)
         assert {k: getattr(config, k) for k in expected} == expected, (preset, task)
+
+
+@pytest.mark.parametrize(
+    "agent, task, overrides, expected",
+    [
+        ("rebrac", "scene-play-singletask-task2", {}, {"alpha_actor": 0.0, "alpha_critic": 0.0}),
+        ("rebrac", "scene-play-singletask-task2", {"alpha_actor": 0.3}, {"alpha_critic": 0.0}),  # given: not named
+        ("rebrac", "cube-single-play-singletask-task2", {}, {}),
+        ("fql", "puzzle-4x4-play-singletask-task1", {}, {}),
+        ("fql", "pointmaze-medium-navigate-singletask-task3", {}, {"alpha": 10.0}),
+        ("fql", "cube-double-noisy-singletask-task2", {}, {"alpha": 10.0}),
+        ("qam", "cube-single-play-singletask-task2", {}, {"inv_temp": 0.3}),  # QAM's domains omit cube-single
+        ("gfp", "walker-run", {}, {"alpha": 1.0, "eta": 0.001}),
+        ("infom", "puzzle-3x3-play-singletask-task1", {}, {"kl_weight": 0.01, "expectile": 0.9, "alpha": 10.0}),
+        ("infom_gpi", "walker-stand", {}, {}),
+        ("bc", "scene-play-singletask-task2", {}, {}),
+    ],
+)
+def test_per_task_fields_left_at_the_defaults(agent, task, overrides, expected):
+    from fluxrl.train.config import defaulted_task_values, preset_config
+
+    module = agents.get(agent)
+    config = dataclasses.replace(preset_config(module, "paper", task), **overrides)
+    assert defaulted_task_values(module, config, "paper", task) == expected
 
 
 @pytest.mark.parametrize(

@@ -134,6 +134,9 @@ def test_summary_and_files(trained):
                      "preset cpu", "seeds: 0, 1", "40 offline + 0 online", "sha256", "validation split:",
                      "Evaluation at step 40", "| mean ± std |", "jax:", "ogbench:", "fluxrl:", '"batch_size": 8'):
         assert fragment in summary, fragment
+    # lr was given on the command line, so only noise runs at the agent's default
+    assert ("- per-task values: tiny has no per-task value of noise for cube-single-play-singletask-task2, so it runs "
+            "with the default noise=0.1; set --agent.noise to tune it for this task.") in summary
     for name in ("config.json", "train.csv", "eval.csv", "metrics.jsonl"):
         assert (trained / name).stat().st_size > 0
 
@@ -146,6 +149,16 @@ def test_rerun_same_config_resumes_without_rewriting(trained, dataset, capsys):
     assert "at step 40" in out and "evaluation/return" in out and "(mean over 2 seed(s))" in out, out
     assert main(["train", "--resume", str(trained), "--quiet"]) == 0
     assert (trained / "train.csv").read_bytes() == before
+
+
+def test_a_new_run_names_the_per_task_fields_left_at_the_defaults_once(tmp_path, dataset, capsys):
+    argv = [a for a in train_argv(tmp_path / "run", dataset) if a != "--quiet"]
+    assert main(argv) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Note:")]
+    assert notes == ["Note: tiny has no per-task value of lr, noise for cube-single-play-singletask-task2, so it runs "
+                     "with the defaults lr=0.05, noise=0.1; set --agent.lr / --agent.noise to tune them for this task."]
+    assert main(argv) == 0  # the finished run again: no second note
+    assert "Note:" not in capsys.readouterr().out
 
 
 def test_rerun_with_another_config_is_refused(trained, dataset, capsys):

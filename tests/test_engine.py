@@ -45,6 +45,9 @@ class Config:
 
 PRESETS = {"paper": Config(), "cpu": Config(batch_size=8)}
 BATCH_SPEC = types.SimpleNamespace(keys=("observations", "actions", "rewards", "masks", "next_observations"))
+# Per-task fields that no task has a value for: every run of this agent states which it leaves at the defaults.
+TASK_VALUES = {}
+PER_TASK_FIELDS = ("lr", "noise")
 
 
 def for_task(config, task_name, preset):

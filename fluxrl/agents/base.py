@@ -14,6 +14,8 @@ The agent contract (one module per algorithm, pure functions; the engine jits, s
     act(state, observations, key, deterministic=False) -> actions in [-1, 1]
     total_loss(params, state, batch, key) -> (loss, metrics)   the differentiated function (tests use it)
     EVAL_DETERMINISTIC: bool      the `deterministic` flag the official evaluation amounts to (engine default True)
+    TASK_VALUES, PER_TASK_FIELDS  optional: the per-task table for_task reads, and the fields the papers tune per
+                                  task; a run on a task the table has none of them for says so (engine)
 `deterministic` may be a Python or a traced bool. See docs/agents.md.
 """
 
@@ -156,3 +158,10 @@ def task_overrides(task_name: str | None, table: Mapping[str, Mapping[str, Any]]
 
 def with_task_values(config, task_name: str | None, table: Mapping[str, Mapping[str, Any]]):
     return dataclasses.replace(config, **task_overrides(task_name, table))
+
+
+def fields_without_task_values(task_name: str | None, table: Mapping[str, Mapping[str, Any]],
+                               fields: tuple[str, ...]) -> tuple[str, ...]:
+    """The `fields` that `table` gives no value for on `task_name`: there the agent's defaults apply."""
+    overrides = task_overrides(task_name, table)
+    return tuple(f for f in fields if f not in overrides)

@@ -94,6 +94,7 @@ PRESETS = {
 # DF's per-task values are not public. alpha plays FQL's alpha's role with the same units (a velocity penalty,
 # mean over dims, against Q), so FQL's per-task alpha / q_agg / discount are the best available values.
 TASK_VALUES = fql.TASK_VALUES
+PER_TASK_FIELDS = ("alpha",)
 
 
 def for_task(config: Config, task_name: str | None, preset: str) -> Config:

@@ -100,6 +100,7 @@ PRESETS = {
 # and the long-horizon OGBench environments get the discount every other agent here uses there (FQL README).
 TASK_VALUES = merge_tables(
     PAPER_DISCOUNTS, {key: {"lam": values["alpha"]} for key, values in iql.TASK_VALUES.items() if "alpha" in values})
+PER_TASK_FIELDS = ("lam",)
 
 
 def for_task(config: Config, task_name: str | None, preset: str) -> Config:

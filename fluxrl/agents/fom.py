@@ -45,6 +45,9 @@ PRESETS = {
     "cpu": Config(**{k: v for k, v in CPU_SIZES.items() if k in {f.name for f in dataclasses.fields(Config)}}),
 }
 
+TASK_VALUES = infom.TASK_VALUES
+PER_TASK_FIELDS = ("alpha",)
+
 
 def for_task(config: Config, task_name: str | None, preset: str) -> Config:
     """InFOM's per-domain alpha (the only per-domain field FOM has)."""

@@ -118,6 +118,7 @@ TASK_VALUES = merge_tables(
         "relocate-expert": {"alpha": 30000.0, "q_agg": "min"},
     },
 )
+PER_TASK_FIELDS = ("alpha",)
 
 
 # Official README, offline-to-online commands: where alpha differs from the offline value (D4RL antmaze keeps it).

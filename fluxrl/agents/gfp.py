@@ -187,6 +187,7 @@ _MINARI = {
     "mujoco/walker2d/simple": _row(0.99, 10, "mean", "actor", "actor", 3.0, 0.1, 1024),
 }
 TASK_VALUES = _OGBENCH | _VISUAL_TASK1 | _VISUAL_OTHER_TASKS | _D4RL | _MINARI
+PER_TASK_FIELDS = ("alpha", "eta")
 
 
 def for_task(config: Config, task_name: str | None, preset: str) -> Config:

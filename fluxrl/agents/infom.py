@@ -156,6 +156,7 @@ TASK_VALUES = {
     "pointmaze": {"latent_dim": 128, "kl_weight": 0.05, "expectile": 0.95, "alpha": 30.0},
 }
 SIZE_FIELDS = ("latent_dim",)  # network sizes: the cpu preset keeps its own
+PER_TASK_FIELDS = ("kl_weight", "expectile", "alpha")
 
 
 def task_config(config, task_name: str | None, preset: str, presets: dict):

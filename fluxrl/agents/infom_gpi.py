@@ -47,6 +47,9 @@ class Config(infom.IntentionConfig):
 
 PRESETS = {"paper": Config(), "cpu": Config(**CPU_SIZES, num_gpi_latents=4)}
 
+TASK_VALUES = infom.TASK_VALUES
+PER_TASK_FIELDS = ("kl_weight", "alpha")
+
 
 def for_task(config: Config, task_name: str | None, preset: str) -> Config:
     """InFOM's per-domain latent_dim, kl_weight and alpha (not its expectile)."""

@@ -81,6 +81,7 @@ TASK_VALUES = merge_tables(
         "cheetah": {"alpha": 1.0},
     },
 )
+PER_TASK_FIELDS = ("alpha",)
 
 
 def for_task(config: Config, task_name: str | None, preset: str) -> Config:

@@ -138,6 +138,7 @@ TASK_VALUES = merge_tables(
     {key: {"chunk_size": CHUNK_HORIZON}
      for key in (*CHUNKED_DOMAINS, *DOMAIN_VALUES) if key.split("-")[0] in CHUNKED_DOMAINS},
 )
+PER_TASK_FIELDS = ("inv_temp",)
 
 
 def for_task(config: Config, task_name: str | None, preset: str) -> Config:

@@ -88,6 +88,7 @@ TASK_VALUES = merge_tables(
         "cheetah": {"alpha_actor": 0.1, "alpha_critic": 0.1},
     },
 )
+PER_TASK_FIELDS = ("alpha_actor", "alpha_critic")
 
 
 def for_task(config: Config, task_name: str | None, preset: str) -> Config:

@@ -198,3 +198,17 @@ def preset_config(module: types.ModuleType, preset: str, task: str, online: bool
         takes_online = "online" in inspect.signature(module.for_task).parameters
         config = module.for_task(config, task, preset, **({"online": online} if takes_online else {}))
     return config
+
+
+def defaulted_task_values(module: types.ModuleType, agent_config, preset: str, task: str,
+                          online: bool = False) -> dict[str, Any]:
+    """{field: value} of the agent's per-task fields (PER_TASK_FIELDS) that its table has no value for on `task`
+    and that `agent_config` leaves at the preset's default; {} for agents without per-task fields."""
+    from fluxrl.agents.base import fields_without_task_values
+
+    fields = getattr(module, "PER_TASK_FIELDS", ())
+    missing = fields_without_task_values(task, module.TASK_VALUES, fields) if fields else ()
+    if not missing:
+        return {}
+    default = preset_config(module, preset, task, online=online)
+    return {f: getattr(agent_config, f) for f in missing if getattr(agent_config, f) == getattr(default, f)}

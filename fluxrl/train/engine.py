@@ -48,6 +48,7 @@ from fluxrl.train.config import (
     RUNTIME_FIELDS,
     TrainConfig,
     agent_name,
+    defaulted_task_values,
     preset_config,
     resolve_agent,
     to_jsonable,
@@ -240,6 +241,17 @@ def make_row_act(agent, deterministic: bool):
     return jax.jit(row_act)
 
 
+def task_defaults_text(agent, task: str, defaults: dict) -> str | None:
+    """One sentence on the per-task fields that run at the agent's defaults (defaulted_task_values); None if none."""
+    if not defaults:
+        return None
+    one = len(defaults) == 1
+    values = ", ".join(f"{k}={v}" for k, v in defaults.items())
+    flags = " / ".join(f"--agent.{k}" for k in defaults)
+    return (f"{agent_name(agent)} has no per-task value of {', '.join(defaults)} for {task}, so it runs with the "
+            f"default{'' if one else 's'} {values}; set {flags} to tune {'it' if one else 'them'} for this task.")
+
+
 # --- the run ------------------------------------------------------------------------------------------------------
 
 
@@ -261,6 +273,8 @@ class Trainer:
         switch = getattr(self.agent, "online_config", None)
         online_agent_config = switch(self.agent_config) if switch and config.online_steps > 0 else None
         self.online_agent_config = online_agent_config if online_agent_config != self.agent_config else None
+        self.task_defaults = defaulted_task_values(self.agent, self.agent_config, config.preset, config.task,
+                                                   online=config.online_steps > 0)
         self.seeds = [config.seed + i for i in range(config.seeds)]
         self.total_steps = config.steps + config.online_steps
         spec = agent_batch_spec(self.agent, self.agent_config)
@@ -497,6 +511,8 @@ class Trainer:
         self._window = (self.step, self.stopwatch.elapsed())
         if meta:
             self.progress.message(f"Resuming {self.run_dir} at step {self.step}.")
+        elif self.task_defaults:
+            self.progress.message(f"Note: {task_defaults_text(self.agent, self.cfg.task, self.task_defaults)}")
         self._write_summary("running")
         self._compile()
         try:
@@ -662,7 +678,8 @@ class Trainer:
     def _write_summary(self, status: str) -> None:
         write_summary(self.run_dir, self.config_record(), status=status, step=self.step,
                       total_steps=self.total_steps, seeds=self.seeds, dataset=self.dataset_info,
-                      last_eval=self.last_eval)
+                      last_eval=self.last_eval,
+                      task_defaults=task_defaults_text(self.agent, self.cfg.task, self.task_defaults))
 
     # --- online phase ------------------------------------------------------------------------------------------
     def _initial_host_state(self) -> dict:

@@ -52,8 +52,9 @@ def dataset_metadata(path: str, data: dict, meta: dict) -> dict:
 
 
 def write_summary(run_dir: str, record: dict, status: str, step: int, total_steps: int, seeds: list[int],
-                  dataset: dict | None, last_eval: dict | None) -> None:
-    """(Re)write summary.md atomically; called at the start, at the end and on divergence."""
+                  dataset: dict | None, last_eval: dict | None, task_defaults: str | None = None) -> None:
+    """(Re)write summary.md atomically; called at the start, at the end and on divergence. task_defaults: the
+    sentence naming the per-task fields left at the agent's defaults."""
     train = record["train"]
     lines = [
         f"# {record['agent']} on {train['task']}",
@@ -64,6 +65,8 @@ def write_summary(run_dir: str, record: dict, status: str, step: int, total_step
         f"- steps: {train['steps']} offline + {train['online_steps']} online"
         + (" (balanced sampling)" if train.get("balanced_sampling") else ""),
     ]
+    if task_defaults:
+        lines.append(f"- per-task values: {task_defaults}")
     if dataset:
         checksum = f", sha256 {dataset['sha256']}" if dataset["sha256"] else ""
         lines.append(f"- dataset: {dataset['path']} ({dataset['transitions']} transitions, {dataset['episodes']} "
