@@ -18,7 +18,7 @@ import argparse
 import os
 import sys
 
-from fluxrl.errors import FluxrlError
+from fluxrl.errors import FluxrlError, TrainingInterrupted
 
 ENGINE_COMMANDS = ("train", "pretrain", "finetune", "export", "plot")
 
@@ -189,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except TrainingInterrupted as e:  # `fluxrl demo`: re-running it continues the run
+        print(f"interrupted: {e}; re-run the same command to continue.", file=sys.stderr)
+        return 128 + e.signum
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import json
 import os
 import sys
 
-from fluxrl.errors import FluxrlError
+from fluxrl.errors import FluxrlError, TrainingInterrupted
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
@@ -215,6 +215,10 @@ def run_command(command: str, argv: list[str]) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
+    except TrainingInterrupted as e:
+        print(f"interrupted: {e}; re-run the same command (or fluxrl train --resume {e.run_dir}) to continue.",
+              file=sys.stderr)
+        return 128 + e.signum
     except FluxrlError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

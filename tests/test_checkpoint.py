@@ -130,3 +130,45 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, monkeypatch):
     for name in ("train.csv", "eval.csv"):
         assert _rows(tmp_path / "a" / name) == _rows(tmp_path / "b" / name), name
     assert _jsonl(tmp_path / "a" / "metrics.jsonl") == _jsonl(tmp_path / "b" / "metrics.jsonl")
+
+
+@pytest.mark.parametrize("signum, online_steps, stop_after", [(signal.SIGINT, 0, 140), (signal.SIGTERM, 100, 250)])
+def test_signal_stops_with_a_checkpoint_and_resume_is_bit_identical(tmp_path, monkeypatch, signum, online_steps,
+                                                                    stop_after):
+    """Ctrl-C or SIGTERM between save points: the run saves that step, exits 128 + signal, and resumes exactly."""
+    from fluxrl.train.loggers import Progress
+
+    monkeypatch.setattr(external, "make_env", tiny.fake_make_env)
+    dataset = tiny.write_dataset(str(tmp_path))
+    steps = 300 - online_steps
+
+    def argv(run_dir):
+        return ["train", "test_engine", "--task", tiny.TASK, "--dataset", dataset, "--steps", str(steps),
+                "--online_steps", str(online_steps), "--seeds", "2", "--run_dir", str(run_dir), "--updates_per_call",
+                "20", "--log_interval", "20", "--save_interval", "100", "--eval_interval", "100", "--eval_episodes",
+                "1", "--quiet"]
+
+    advance = Progress.advance
+
+    def advance_then_signal(self, n):
+        advance(self, n)
+        self.seen = getattr(self, "seen", 0) + n
+        if self.seen == stop_after:
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(Progress, "advance", advance_then_signal)
+    assert main(argv(tmp_path / "b")) == 128 + signum
+    assert Checkpointer(str(tmp_path / "b" / "checkpoints")).latest_step() == stop_after
+    assert f"status: interrupted (step {stop_after} of 300)" in (tmp_path / "b" / "summary.md").read_text()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    monkeypatch.setattr(Progress, "advance", advance)
+    assert main(argv(tmp_path / "b")) == 0
+    assert main(argv(tmp_path / "a")) == 0  # uninterrupted
+
+    final_a, meta_a = Checkpointer(str(tmp_path / "a" / "checkpoints")).read_arrays()
+    final_b, meta_b = Checkpointer(str(tmp_path / "b" / "checkpoints")).read_arrays()
+    assert meta_a["step"] == meta_b["step"] == 300
+    for k in final_a:
+        np.testing.assert_array_equal(np.asarray(final_a[k]), np.asarray(final_b[k]), err_msg=k)
+    for name in ("train.csv", "eval.csv"):
+        assert _rows(tmp_path / "a" / name) == _rows(tmp_path / "b" / name), name

@@ -161,6 +161,21 @@ def test_a_new_run_names_the_per_task_fields_left_at_the_defaults_once(tmp_path,
     assert "Note:" not in capsys.readouterr().out
 
 
+def test_a_run_directory_in_use_by_another_process_is_refused(tmp_path, dataset, capsys):
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".lock", "w") as held:  # what a training process holds (a second open file: flock conflicts)
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("12345")
+        held.flush()
+        assert main(train_argv(run, dataset)) == 2
+        one_error_line(capsys, f"{run} is being trained by another process (pid 12345)")
+        assert sorted(os.listdir(run)) == [".lock"]
+    assert main(train_argv(run, dataset)) == 0  # once released, the run proceeds in the same directory
+
+
 def test_rerun_with_another_config_is_refused(trained, dataset, capsys):
     before = (trained / "train.csv").read_bytes()
     assert main(train_argv(trained, dataset, "--agent.lr", "0.2")) == 2

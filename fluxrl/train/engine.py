@@ -30,6 +30,9 @@ import datetime
 import functools
 import json
 import os
+import signal
+import sys
+import threading
 import types
 from typing import Any
 
@@ -40,7 +43,7 @@ import numpy as np
 
 from fluxrl.data.generate import val_path  # the validation split: -val before .npz (OGBench)
 from fluxrl.data.sampler import Sampler, normalize_observations, observation_stats
-from fluxrl.errors import FluxrlError
+from fluxrl.errors import FluxrlError, TrainingInterrupted
 from fluxrl.train import external, intentions
 from fluxrl.train.checkpoint import Checkpointer, all_finite, parse_signature
 from fluxrl.train.config import (
@@ -59,6 +62,7 @@ from fluxrl.train.replay import ReplayBuffer, check_online_fields, mixed_sample
 from fluxrl.train.summary import dataset_metadata, write_summary
 
 CONFIG_FILE = "config.json"
+LOCK_FILE = ".lock"
 SAMPLE_OPTION_NAMES = ("future_discount", "chunk_size")
 ACTION_CLIP = 1.0 - 1e-5  # dataset actions are clipped to ±ACTION_CLIP on loading
 # numpy SeedSequence salts: one stream per purpose, so purposes never share random numbers.
@@ -67,6 +71,70 @@ ENV_EPISODE_SALT, EVAL_EPISODE_SALT = 1, 2
 
 class TrainingDiverged(FluxrlError):
     """A loss became NaN or inf; the last good checkpoint is kept."""
+
+
+class RunDirLock:
+    """An exclusive lock on RUN_DIR/.lock while a process trains into RUN_DIR: a second process (a re-run in another
+    terminal, a relaunched job) is refused instead of interleaving checkpoints and logs. The kernel drops the lock
+    when its process ends, however it ends."""
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, LOCK_FILE)
+        self._file = None
+
+    def __enter__(self):
+        import fcntl
+
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise FluxrlError(f"{os.path.dirname(self.path)} is being trained by another process (pid {holder}); "
+                              f"wait for it to end or stop it first.") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        self._file = f
+        return self
+
+    def __exit__(self, *exc_info):
+        self._file.close()
+
+
+class StopRequests:
+    """While training: the first SIGINT (Ctrl-C) or SIGTERM (e.g. a cluster's pre-emption) asks the run to stop after
+    the compiled call in flight, with a checkpoint; a second signal interrupts at once. Python handles signals only
+    in the main thread, so elsewhere the default behaviour stays."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, notice: str | None):
+        self.signum: int | None = None
+        self._notice = notice
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        if self._notice:
+            try:  # os.write: a buffered stream may be mid-write in the interrupted frame
+                os.write(sys.stderr.fileno(), f"\n{self._notice}\n".encode())
+            except (AttributeError, OSError, ValueError):
+                pass
 
 
 class Carry(flax.struct.PyTreeNode):
@@ -315,7 +383,7 @@ class Trainer:
         """True if run_dir holds this very run (resume); refuse a directory holding anything else."""
         path = os.path.join(self.run_dir, CONFIG_FILE)
         if not os.path.exists(path):
-            if os.path.isdir(self.run_dir) and os.listdir(self.run_dir):
+            if os.path.isdir(self.run_dir) and set(os.listdir(self.run_dir)) - {LOCK_FILE}:
                 raise FluxrlError(f"{self.run_dir} exists and is not a fluxrl run directory; choose another --run_dir.")
             return False
         try:
@@ -491,6 +559,12 @@ class Trainer:
         self._setup_envs()
         self._setup_data()
         os.makedirs(self.run_dir, exist_ok=True)
+        with RunDirLock(self.run_dir):
+            self.resuming = self._check_run_dir()  # again, under the lock: another process may have written it
+            return self._run_locked()
+
+    def _run_locked(self) -> RunResult:
+        cfg = self.cfg
         if not self.resuming:
             with open(os.path.join(self.run_dir, CONFIG_FILE), "w") as f:
                 json.dump(self.config_record(), f, indent=2)
@@ -515,14 +589,20 @@ class Trainer:
             self.progress.message(f"Note: {task_defaults_text(self.agent, self.cfg.task, self.task_defaults)}")
         self._write_summary("running")
         self._compile()
+        self.stop = StopRequests(None if cfg.quiet else "Stopping after the current call, with a checkpoint (a second "
+                                                         "signal stops at once, without one).")
         try:
-            if self.step == 0:
-                self._evaluate(0)
-            self._offline_phase()
-            if self.online and self.step < self.total_steps:
-                self._online_phase()
+            with self.stop:
+                if self.step == 0:
+                    self._evaluate(0)
+                self._offline_phase()
+                if self.online and self.step < self.total_steps:
+                    self._online_phase()
         except TrainingDiverged:
             self._write_summary("diverged")
+            raise
+        except TrainingInterrupted:
+            self._write_summary("interrupted")
             raise
         finally:
             self.progress.close()
@@ -562,6 +642,7 @@ class Trainer:
             self.step += n
             self.progress.advance(n)
             self._boundaries()
+            self._stop_if_requested()
 
     def _boundaries(self) -> None:
         s, cfg = self.step, self.cfg
@@ -573,6 +654,13 @@ class Trainer:
             self._evaluate(s)
         if s % cfg.save_interval == 0 or end:
             self._save()
+
+    def _stop_if_requested(self) -> None:
+        if self.stop.signum is None or self.step == self.total_steps:
+            return
+        if self.checkpointer.latest_step() != self.step:
+            self._save()
+        raise TrainingInterrupted(self.run_dir, self.step, self.stop.signum)
 
     # --- logging, divergence, evaluation, checkpoints ----------------------------------------------------------
     def _log(self) -> None:
@@ -770,6 +858,7 @@ class Trainer:
             self.step += 1
             self.progress.advance(1)
             self._boundaries()
+            self._stop_if_requested()
 
     def _log_exploration(self) -> None:
         if not self.online:
