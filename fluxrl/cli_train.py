@@ -2,7 +2,7 @@
 
   fluxrl train AGENT --task TASK [--dataset FILE] [--steps N] [--seeds K] [--preset paper|cpu] [--run_dir DIR]
                [--agent.FIELD VALUE ...] [... every TrainConfig field, see --help]
-  fluxrl train --resume RUN_DIR [--quiet] [--tensorboard] [--wandb]
+  fluxrl train --resume RUN_DIR [--steps N] [--quiet] [--tensorboard] [--wandb]
   fluxrl pretrain AGENT --task TASK --dataset REWARD_FREE_FILE [--steps N] [--run_dir DIR] [...as train]
   fluxrl finetune PRETRAIN_DIR --dataset REWARD_LABELLED_FILE [--task TASK] [--steps N] [--run_dir DIR] [...]
   fluxrl export RUN_DIR [--seed S] [--out PATH] [--step N]
@@ -72,6 +72,7 @@ def _resume_args(argv):
     parser.add_argument("--tensorboard", action="store_true")
     parser.add_argument("--wandb", action="store_true")
     parser.add_argument("--wandb_project", "--wandb-project")
+    parser.add_argument("--steps", type=int, help="a new offline length (e.g. to train a finished run further)")
     return parser.parse_args(argv)
 
 
@@ -91,8 +92,12 @@ def train_main(argv: list[str], pretrain: bool = False) -> int:
             record = json.load(f)
         agent_spec = record["agent"]
         module = resolve_agent(agent_spec)
-        runtime = {k: v for k, v in (("quiet", opts.quiet), ("tensorboard", opts.tensorboard),
-                                     ("wandb", opts.wandb), ("wandb_project", opts.wandb_project)) if v}
+        # --quiet is per invocation; the sinks keep mirroring once a run has them.
+        runtime = {k: v for k, v in (("tensorboard", opts.tensorboard), ("wandb", opts.wandb),
+                                     ("wandb_project", opts.wandb_project)) if v}
+        runtime["quiet"] = opts.quiet
+        if opts.steps is not None:
+            runtime["steps"] = opts.steps
         config = from_jsonable(TrainConfig, dict(record["train"], run_dir=opts.resume, **runtime), path)
         agent_config = from_jsonable(module.Config, record["agent_config"], path)
     else:

@@ -350,3 +350,28 @@ def test_train_without_dataset_uses_the_cache(tmp_path, monkeypatch, capsys):
     assert calls == ["cube-single-play"]
     summary = (tmp_path / "run" / "summary.md").read_text()
     assert str(tmp_path / "cache" / "cube-single-play.npz") in summary and "cube-single-play-val.npz" in summary
+
+
+def test_an_offline_run_can_be_made_longer_and_ends_as_if_trained_that_long(tmp_path, dataset, capsys):
+    from fluxrl.train.checkpoint import Checkpointer as Ck
+
+    def argv(run, steps):
+        args = train_argv(run, dataset, "--seeds", "1")
+        args[args.index("--steps") + 1] = str(steps)
+        return args
+
+    assert main(argv(tmp_path / "b", 45)) == 0  # ends between two chunks of 10: the longer run splits them there
+    assert main(["train", "--resume", str(tmp_path / "b"), "--steps", "90"]) == 0
+    assert "at step 45 (length 45 -> 90 steps)." in capsys.readouterr().out  # not quiet: --quiet is per invocation
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["train"]["steps"] == 90
+    assert main(argv(tmp_path / "a", 90)) == 0
+    final_a, meta_a = Ck(str(tmp_path / "a" / "checkpoints")).read_arrays()
+    final_b, meta_b = Ck(str(tmp_path / "b" / "checkpoints")).read_arrays()
+    assert meta_a["step"] == meta_b["step"] == 90
+    for k in final_a:
+        np.testing.assert_array_equal(np.asarray(final_a[k]), np.asarray(final_b[k]), err_msg=k)
+
+    before = (tmp_path / "b" / "config.json").read_bytes()
+    assert main(argv(tmp_path / "b", 60)) == 2
+    one_error_line(capsys, "is at step 90; --steps 60 would end before it (give at least 90)")
+    assert (tmp_path / "b" / "config.json").read_bytes() == before

@@ -551,10 +551,15 @@ def test_run_dir_with_another_config_is_refused(tmp_path, dataset, fakes):
     Trainer(__name__, config(tmp_path, dataset, steps=10, eval_episodes=0)).run()
     from fluxrl.errors import FluxrlError
 
-    with pytest.raises(FluxrlError, match=r"different configuration \(--steps: saved 10, given 20\)"):
-        Trainer(__name__, config(tmp_path, dataset, steps=20, eval_episodes=0))
+    with pytest.raises(FluxrlError, match=r"different configuration \(--seed: saved 0, given 5\)"):
+        Trainer(__name__, config(tmp_path, dataset, steps=10, eval_episodes=0, seed=5))
     with pytest.raises(FluxrlError, match=r"--agent.lr: saved 0.05, given 0.1"):
         Trainer(__name__, config(tmp_path, dataset, steps=10, eval_episodes=0), Config(lr=0.1))
+    # An online run keeps its length.
+    online = tmp_path / "online"
+    Trainer(__name__, config(online, dataset, steps=10, online_steps=10, eval_episodes=0)).run()
+    with pytest.raises(FluxrlError, match=r"--steps: saved 10, given 20"):
+        Trainer(__name__, config(online, dataset, steps=20, online_steps=10, eval_episodes=0))
     # Runtime options may change: this resumes (and, being finished, does nothing).
     again = Trainer(__name__, config(tmp_path, dataset, steps=10, eval_episodes=0, tensorboard=True))
     assert again.resuming

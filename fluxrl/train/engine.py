@@ -391,7 +391,11 @@ class Trainer:
                 saved = json.load(f)
         except (OSError, ValueError) as e:
             raise FluxrlError(f"{path} is unreadable ({e}); choose another --run_dir.") from None
-        difference = _first_difference(_comparable(saved), _comparable(self.config_record()))
+        saved_flags, given_flags = _comparable(saved), _comparable(self.config_record())
+        self.saved_steps = saved["train"]["steps"]
+        if not saved["train"].get("online_steps") and not self.cfg.online_steps:
+            saved_flags.pop("--steps"), given_flags.pop("--steps")  # an offline run may change its length
+        difference = _first_difference(saved_flags, given_flags)
         if difference:
             raise FluxrlError(
                 f"{self.run_dir} holds a run with a different configuration ({difference}); choose another "
@@ -565,10 +569,17 @@ class Trainer:
 
     def _run_locked(self) -> RunResult:
         cfg = self.cfg
-        if not self.resuming:
+        self.checkpointer = Checkpointer(os.path.join(self.run_dir, "checkpoints"), keep=cfg.keep_checkpoints)
+        new_length = self.resuming and cfg.steps != self.saved_steps
+        if new_length:
+            reached = self.checkpointer.latest_step() or 0
+            if cfg.steps < reached:
+                self.checkpointer.close()
+                raise FluxrlError(f"{self.run_dir} is at step {reached}; --steps {cfg.steps} would end before it "
+                                  f"(give at least {reached}).")
+        if not self.resuming or new_length:
             with open(os.path.join(self.run_dir, CONFIG_FILE), "w") as f:
                 json.dump(self.config_record(), f, indent=2)
-        self.checkpointer = Checkpointer(os.path.join(self.run_dir, "checkpoints"), keep=cfg.keep_checkpoints)
         self.carry = self._initial_carry()
         meta = None
         resume = self.resuming and self.checkpointer.latest_step() is not None
@@ -584,7 +595,8 @@ class Trainer:
             self.carry = self.carry.replace(agent=self._pretrained_agent(self.carry.agent))
         self._window = (self.step, self.stopwatch.elapsed())
         if meta:
-            self.progress.message(f"Resuming {self.run_dir} at step {self.step}.")
+            length = f" (length {self.saved_steps} -> {cfg.steps} steps)" if new_length else ""
+            self.progress.message(f"Resuming {self.run_dir} at step {self.step}{length}.")
         elif self.task_defaults:
             self.progress.message(f"Note: {task_defaults_text(self.agent, self.cfg.task, self.task_defaults)}")
         self._write_summary("running")
