@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fluxrl.data.dataset import atomic_write
 from fluxrl.data.generate import val_path  # the validation split: -val before .npz (OGBench)
 from fluxrl.data.sampler import Sampler, normalize_observations, observation_stats
 from fluxrl.errors import FluxrlError, TrainingInterrupted
@@ -394,7 +395,7 @@ class Trainer:
         saved_flags, given_flags = _comparable(saved), _comparable(self.config_record())
         self.saved_steps = saved["train"]["steps"]
         if not saved["train"].get("online_steps") and not self.cfg.online_steps:
-            saved_flags.pop("--steps"), given_flags.pop("--steps")  # an offline run may change its length
+            del saved_flags["--steps"], given_flags["--steps"]  # an offline run may change its length
         difference = _first_difference(saved_flags, given_flags)
         if difference:
             raise FluxrlError(
@@ -577,9 +578,12 @@ class Trainer:
                 self.checkpointer.close()
                 raise FluxrlError(f"{self.run_dir} is at step {reached}; --steps {cfg.steps} would end before it "
                                   f"(give at least {reached}).")
-        if not self.resuming or new_length:
-            with open(os.path.join(self.run_dir, CONFIG_FILE), "w") as f:
-                json.dump(self.config_record(), f, indent=2)
+        if not self.resuming or new_length:  # atomically: a half-written config.json would orphan the run
+            def write(tmp):
+                with open(tmp, "w") as f:
+                    json.dump(self.config_record(), f, indent=2)
+
+            atomic_write(os.path.join(self.run_dir, CONFIG_FILE), write, overwrite=True)
         self.carry = self._initial_carry()
         meta = None
         resume = self.resuming and self.checkpointer.latest_step() is not None
