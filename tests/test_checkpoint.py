@@ -112,6 +112,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, monkeypatch):
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert Checkpointer(str(tmp_path / "b" / "checkpoints")).latest_step() == 100
     assert _rows(tmp_path / "b" / "train.csv")[-1]["step"] == "160"  # rows written after the checkpoint
+    summary = (tmp_path / "b" / "summary.md").read_text()  # as of the last checkpoint
+    assert "status: running (step 100 of 300)" in summary and "Evaluation at step 100" in summary
 
     env.pop("KILL_AT_LOG")
     resumed = subprocess.run([sys.executable, str(script)] + argv(tmp_path / "b"), env=env, capture_output=True,

@@ -573,9 +573,15 @@ def test_progress_prints_summary_lines_without_a_tty():
     stream = io.StringIO()
     progress = Progress(total=100, initial=0, quiet=False, stream=stream)
     progress.set_eval("eval success 0.5 @ 50")
-    progress.line(50, 123.4, {"training/critic_loss": 0.25})
+    progress.line(50, 0.4, {"training/critic_loss": 0.25})
+    progress.line(100, 0.4, {})
     progress.close()
-    assert stream.getvalue() == "step 50/100 | 123.4 steps/s | critic_loss 0.25 | eval success 0.5 @ 50\n"
+    assert stream.getvalue() == ("step 50/100 | 0.4 steps/s | ETA 2m05s | critic_loss 0.25 | eval success 0.5 @ 50\n"
+                                 "step 100/100 | 0.4 steps/s | eval success 0.5 @ 50\n")
+    from fluxrl.train.loggers import _duration
+
+    assert [_duration(s) for s in (0.4, 59.6, 61, 3599, 3600, 3 * 3600 + 5 * 60 + 59)] == [
+        "0s", "1m00s", "1m01s", "59m59s", "1h00m", "3h05m"]
     quiet = io.StringIO()
     Progress(total=100, initial=0, quiet=True, stream=quiet).line(50, 1.0, {})
     assert quiet.getvalue() == ""

@@ -763,6 +763,7 @@ class Trainer:
             "obs_norm": self.obs_norm,
         }
         self.checkpointer.save(self.step, self.carry, meta)
+        self._write_summary("running")  # its step and last evaluation stay current
 
     def _write_intentions(self) -> None:
         """intentions.png/json: what the intention encoder infers on dataset rows with known behaviour goals."""

@@ -185,6 +185,8 @@ class Progress:
         if self.quiet or self._bar is not None:
             return
         parts = [f"step {step}/{self.total}", f"{steps_per_second:.1f} steps/s"]
+        if step < self.total and steps_per_second > 0 and math.isfinite(steps_per_second):
+            parts.append(f"ETA {_duration((self.total - step) / steps_per_second)}")
         parts += [f"{k.split('/')[-1]} {_fmt(v)}" for k, v in metrics.items()]
         if self.eval_text:
             parts.append(self.eval_text)
@@ -208,6 +210,14 @@ def _isatty(stream) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError, io.UnsupportedOperation):
         return False
+
+
+def _duration(seconds: float) -> str:
+    """1h05m, 4m10s or 12s."""
+    seconds = round(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def _fmt(v: float) -> str:
