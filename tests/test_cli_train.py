@@ -176,6 +176,19 @@ def test_a_run_directory_in_use_by_another_process_is_refused(tmp_path, dataset,
     assert main(train_argv(run, dataset)) == 0  # once released, the run proceeds in the same directory
 
 
+def test_resuming_on_a_changed_dataset_is_refused(tmp_path, capsys):
+    from fluxrl.data.dataset import save_npz
+
+    data = tiny.write_dataset(str(tmp_path))
+    run = tmp_path / "run"
+    assert main(train_argv(run, data)) == 0
+    save_npz(data, tiny.synthetic_data(20, seed=7), overwrite=True)  # same path and shapes, other transitions
+    before = {p: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert main(train_argv(run, data)) == 2
+    one_error_line(capsys, f"{data} changed since {run} started (sha256", "new --run_dir")
+    assert {p: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
 def test_rerun_with_another_config_is_refused(trained, dataset, capsys):
     before = (trained / "train.csv").read_bytes()
     assert main(train_argv(trained, dataset, "--agent.lr", "0.2")) == 2

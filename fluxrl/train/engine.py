@@ -578,6 +578,13 @@ class Trainer:
                 self.checkpointer.close()
                 raise FluxrlError(f"{self.run_dir} is at step {reached}; --steps {cfg.steps} would end before it "
                                   f"(give at least {reached}).")
+        if self.resuming and self.dataset_info and self.checkpointer.latest_step() is not None:
+            saved = self.checkpointer.read_meta().get("dataset_sha256")
+            if saved and self.dataset_info["sha256"] and saved != self.dataset_info["sha256"]:
+                self.checkpointer.close()
+                raise FluxrlError(f"{self.dataset_info['path']} changed since {self.run_dir} started (sha256 "
+                                  f"{saved[:12]}... then, {self.dataset_info['sha256'][:12]}... now); restore it, or "
+                                  f"train on it in a new --run_dir.")
         if not self.resuming or new_length:  # atomically: a half-written config.json would orphan the run
             def write(tmp):
                 with open(tmp, "w") as f:
@@ -761,6 +768,7 @@ class Trainer:
             "seeds": self.seeds,
             "example_batch": self.example_spec,
             "obs_norm": self.obs_norm,
+            "dataset_sha256": self.dataset_info["sha256"] if self.dataset_info else None,
         }
         self.checkpointer.save(self.step, self.carry, meta)
         self._write_summary("running")  # its step and last evaluation stay current
