@@ -123,12 +123,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, monkeypatch):
     monkeypatch.setattr(external, "make_env", tiny.fake_make_env)
     assert main(argv(tmp_path / "a")) == 0  # the uninterrupted run, in this process
 
-    final_a, meta_a = Checkpointer(str(tmp_path / "a" / "checkpoints")).read_arrays()
-    final_b, meta_b = Checkpointer(str(tmp_path / "b" / "checkpoints")).read_arrays()
-    assert meta_a["step"] == meta_b["step"] == 300
-    assert meta_a["leaf_signature"] == meta_b["leaf_signature"]
-    for k in final_a:
-        np.testing.assert_array_equal(np.asarray(final_a[k]), np.asarray(final_b[k]), err_msg=k)
+    tiny.assert_same_latest_checkpoint(tmp_path / "a", tmp_path / "b", 300)
     for name in ("train.csv", "eval.csv"):
         assert _rows(tmp_path / "a" / name) == _rows(tmp_path / "b" / name), name
     assert _jsonl(tmp_path / "a" / "metrics.jsonl") == _jsonl(tmp_path / "b" / "metrics.jsonl")
@@ -167,10 +162,6 @@ def test_signal_stops_with_a_checkpoint_and_resume_is_bit_identical(tmp_path, mo
     assert main(argv(tmp_path / "b")) == 0
     assert main(argv(tmp_path / "a")) == 0  # uninterrupted
 
-    final_a, meta_a = Checkpointer(str(tmp_path / "a" / "checkpoints")).read_arrays()
-    final_b, meta_b = Checkpointer(str(tmp_path / "b" / "checkpoints")).read_arrays()
-    assert meta_a["step"] == meta_b["step"] == 300
-    for k in final_a:
-        np.testing.assert_array_equal(np.asarray(final_a[k]), np.asarray(final_b[k]), err_msg=k)
+    tiny.assert_same_latest_checkpoint(tmp_path / "a", tmp_path / "b", 300)
     for name in ("train.csv", "eval.csv"):
         assert _rows(tmp_path / "a" / name) == _rows(tmp_path / "b" / name), name

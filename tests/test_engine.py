@@ -170,6 +170,16 @@ def write_dataset(directory, name="data"):
     return path
 
 
+def assert_same_latest_checkpoint(run_a, run_b, step):
+    """Both runs' latest checkpoints are of `step` and hold bit-identical arrays."""
+    final_a, meta_a = Checkpointer(os.path.join(run_a, "checkpoints")).read_arrays()
+    final_b, meta_b = Checkpointer(os.path.join(run_b, "checkpoints")).read_arrays()
+    assert meta_a["step"] == meta_b["step"] == step
+    assert meta_a["leaf_signature"] == meta_b["leaf_signature"]
+    for k in final_a:
+        np.testing.assert_array_equal(np.asarray(final_a[k]), np.asarray(final_b[k]), err_msg=k)
+
+
 @pytest.fixture
 def fakes(monkeypatch):
     monkeypatch.setattr(external, "make_env", fake_make_env)

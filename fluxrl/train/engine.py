@@ -342,8 +342,8 @@ class Trainer:
         switch = getattr(self.agent, "online_config", None)
         online_agent_config = switch(self.agent_config) if switch and config.online_steps > 0 else None
         self.online_agent_config = online_agent_config if online_agent_config != self.agent_config else None
-        self.task_defaults = defaulted_task_values(self.agent, self.agent_config, config.preset, config.task,
-                                                   online=config.online_steps > 0)
+        self.task_defaults_note = task_defaults_text(self.agent, config.task, defaulted_task_values(
+            self.agent, self.agent_config, config.preset, config.task, online=config.online_steps > 0))
         self.seeds = [config.seed + i for i in range(config.seeds)]
         self.total_steps = config.steps + config.online_steps
         spec = agent_batch_spec(self.agent, self.agent_config)
@@ -571,20 +571,13 @@ class Trainer:
     def _run_locked(self) -> RunResult:
         cfg = self.cfg
         self.checkpointer = Checkpointer(os.path.join(self.run_dir, "checkpoints"), keep=cfg.keep_checkpoints)
+        latest = self.checkpointer.latest_step() if self.resuming else None
         new_length = self.resuming and cfg.steps != self.saved_steps
-        if new_length:
-            reached = self.checkpointer.latest_step() or 0
-            if cfg.steps < reached:
-                self.checkpointer.close()
-                raise FluxrlError(f"{self.run_dir} is at step {reached}; --steps {cfg.steps} would end before it "
-                                  f"(give at least {reached}).")
-        if self.resuming and self.dataset_info and self.checkpointer.latest_step() is not None:
-            saved = self.checkpointer.read_meta().get("dataset_sha256")
-            if saved and self.dataset_info["sha256"] and saved != self.dataset_info["sha256"]:
-                self.checkpointer.close()
-                raise FluxrlError(f"{self.dataset_info['path']} changed since {self.run_dir} started (sha256 "
-                                  f"{saved[:12]}... then, {self.dataset_info['sha256'][:12]}... now); restore it, or "
-                                  f"train on it in a new --run_dir.")
+        try:
+            self._check_resume(latest, new_length)
+        except FluxrlError:
+            self.checkpointer.close()
+            raise
         if not self.resuming or new_length:  # atomically: a half-written config.json would orphan the run
             def write(tmp):
                 with open(tmp, "w") as f:
@@ -593,23 +586,22 @@ class Trainer:
             atomic_write(os.path.join(self.run_dir, CONFIG_FILE), write, overwrite=True)
         self.carry = self._initial_carry()
         meta = None
-        resume = self.resuming and self.checkpointer.latest_step() is not None
-        if resume:
-            self.carry, meta = self.checkpointer.restore(self.carry)
+        if latest is not None:
+            self.carry, meta = self.checkpointer.restore(self.carry, latest)
         self.step = meta["step"] if meta else 0
         self.last_eval = meta.get("last_eval") if meta else None
         self.host = meta["host"] if meta else self._initial_host_state()
         self.stopwatch = Stopwatch(meta["elapsed"] if meta else 0.0)
         self._setup_sinks(meta["log_offsets"] if meta else None)
         self.progress = Progress(self.total_steps, self.step, cfg.quiet)
-        if cfg.init_from and not resume:
+        if cfg.init_from and latest is None:
             self.carry = self.carry.replace(agent=self._pretrained_agent(self.carry.agent))
         self._window = (self.step, self.stopwatch.elapsed())
         if meta:
             length = f" (length {self.saved_steps} -> {cfg.steps} steps)" if new_length else ""
             self.progress.message(f"Resuming {self.run_dir} at step {self.step}{length}.")
-        elif self.task_defaults:
-            self.progress.message(f"Note: {task_defaults_text(self.agent, self.cfg.task, self.task_defaults)}")
+        elif self.task_defaults_note:
+            self.progress.message(f"Note: {self.task_defaults_note}")
         self._write_summary("running")
         self._compile()
         self.stop = StopRequests(None if cfg.quiet else "Stopping after the current call, with a checkpoint (a second "
@@ -677,6 +669,20 @@ class Trainer:
             self._evaluate(s)
         if s % cfg.save_interval == 0 or end:
             self._save()
+
+    def _check_resume(self, latest: int | None, new_length: bool) -> None:
+        """Refuse to resume to an end before the latest checkpoint, or on a dataset file changed since the run began."""
+        if latest is None:
+            return
+        if new_length and self.cfg.steps < latest:
+            raise FluxrlError(f"{self.run_dir} is at step {latest}; --steps {self.cfg.steps} would end before it "
+                              f"(give at least {latest}).")
+        saved = self.checkpointer.read_meta(latest).get("dataset_sha256")
+        now = self.dataset_info["sha256"] if self.dataset_info else None
+        if saved and now and saved != now:
+            raise FluxrlError(f"{self.dataset_info['path']} changed since {self.run_dir} started (sha256 "
+                              f"{saved[:12]}... then, {now[:12]}... now); restore it, or train on it in a new "
+                              f"--run_dir.")
 
     def _stop_if_requested(self) -> None:
         if self.stop.signum is None or self.step == self.total_steps:
@@ -792,7 +798,7 @@ class Trainer:
         write_summary(self.run_dir, self.config_record(), status=status, step=self.step,
                       total_steps=self.total_steps, seeds=self.seeds, dataset=self.dataset_info,
                       last_eval=self.last_eval,
-                      task_defaults=task_defaults_text(self.agent, self.cfg.task, self.task_defaults))
+                      task_defaults=self.task_defaults_note)
 
     # --- online phase ------------------------------------------------------------------------------------------
     def _initial_host_state(self) -> dict:

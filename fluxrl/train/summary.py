@@ -53,8 +53,8 @@ def dataset_metadata(path: str, data: dict, meta: dict) -> dict:
 
 def write_summary(run_dir: str, record: dict, status: str, step: int, total_steps: int, seeds: list[int],
                   dataset: dict | None, last_eval: dict | None, task_defaults: str | None = None) -> None:
-    """(Re)write summary.md atomically; called at the start, at the end and on divergence. task_defaults: the
-    sentence naming the per-task fields left at the agent's defaults."""
+    """(Re)write summary.md atomically; called at the start, at every checkpoint, at the end, on divergence and on
+    interruption. task_defaults: the sentence naming the per-task fields left at the agent's defaults."""
     train = record["train"]
     lines = [
         f"# {record['agent']} on {train['task']}",
