@@ -4,7 +4,7 @@
   fluxrl data info FILE
   fluxrl data relabel FILE --task TASK --out FILE
   fluxrl tasks
-  fluxrl eval TASK [--policy random|oracle] [--episodes N] [--seed S] [--video FILE]
+  fluxrl eval [TASK] [--policy oracle|random|EXPORTED_DIR] [--episodes N] [--seed S] [--video FILE] [--json FILE]
   fluxrl train AGENT ... | fluxrl export RUN_DIR ... | fluxrl plot RUN_DIR... --out FILE.png
   fluxrl pretrain AGENT ... | fluxrl finetune PRETRAIN_DIR ...
   fluxrl demo [--out DIR]
@@ -62,14 +62,23 @@ def _build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("tasks", help="list dataset and task names")
 
-    ev = sub.add_parser("eval", help="evaluate a scripted policy on a task")
-    ev.add_argument("task")
-    ev.add_argument("--policy", choices=("random", "oracle"), default="oracle")
+    ev = sub.add_parser("eval", help="evaluate a scripted or an exported policy on a task")
+    ev.add_argument("task", nargs="?", default=None,
+                    help="task name (default for an exported policy: the task it was trained on)")
+    ev.add_argument("--policy", default="oracle",
+                    help="'oracle', 'random', or the directory of an exported policy (`fluxrl export`)")
     ev.add_argument("--episodes", type=int, default=10)
     ev.add_argument("--seed", type=int, default=0)
+    acting = ev.add_mutually_exclusive_group()
+    acting.add_argument("--deterministic", action="store_true",
+                        help="exported policy: act deterministically (default: as its run's evaluation did)")
+    acting.add_argument("--stochastic", action="store_true",
+                        help="exported policy: sample actions (default: as its run's evaluation did)")
     ev.add_argument("--video", default=None, help="write the first episodes as .mp4 or .gif")
     ev.add_argument("--video-episodes", type=int, default=1)
     ev.add_argument("--max-steps", type=int, default=None)
+    ev.add_argument("--json", default=None, help="also write the results (per episode too) to this JSON file")
+    ev.add_argument("--overwrite", action="store_true", help="replace an existing --video or --json file")
 
     demo = sub.add_parser("demo", help="the main job on an embedded default (no download, no prior step)")
     demo.add_argument("--out", default="demo_out")
@@ -116,35 +125,109 @@ def _cmd_tasks(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    import json
+
     import numpy as np
 
-    from fluxrl.envs import make_env
     from fluxrl.envs.evaluate import evaluate
-    from fluxrl.envs.ogbench_envs import oracle_policy
-    from fluxrl.names import parse_task
 
-    spec = parse_task(args.task)
     if args.episodes < 1:
         raise FluxrlError(f"--episodes must be at least 1, got {args.episodes}.")
-    if args.policy == "oracle":
-        if spec.family == "dmc":
-            raise FluxrlError(f"There is no scripted oracle for the DMC task '{spec.name}'; use --policy random.")
-        env_fn, policy = _oracle_eval_setup(spec.name, make_env, oracle_policy)
+    for flag, path in (("--video", args.video), ("--json", args.json)):
+        if path and os.path.exists(path) and not args.overwrite:
+            raise FluxrlError(f"{path} already exists; refusing to overwrite it ({flag}; pass --overwrite to "
+                              f"replace it).")
+    if args.policy in ("oracle", "random"):
+        if args.deterministic or args.stochastic:
+            raise FluxrlError("--deterministic and --stochastic apply to an exported policy, not to "
+                              f"--policy {args.policy}.")
+        task, env_fn, policy, header = _scripted_eval_setup(args)
     else:
-        env_fn = spec.name
-        probe = make_env(spec.name)
-        space = probe.action_space
-        probe.close()
+        task, env_fn, policy, header = _exported_eval_setup(args)
 
-        def policy(obs, rng):
-            return rng.uniform(space.low, space.high).astype(np.float32)
-
+    if header:
+        print(header, flush=True)
     result = evaluate(
         env_fn, policy, episodes=args.episodes, seed=args.seed, video_path=args.video,
         video_episodes=args.video_episodes, max_steps=args.max_steps,
     )
+    result.task = task
     print(result.summary())
+    if args.json:
+        from fluxrl.data.dataset import atomic_write
+
+        record = {"policy": args.policy, "max_steps": args.max_steps, **result.to_dict()}
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                json.dump(record, f, indent=2, default=lambda x: np.asarray(x).tolist())
+
+        atomic_write(args.json, write, overwrite=args.overwrite)
     return 0
+
+
+def _scripted_eval_setup(args):
+    """(task, env_fn or task name, policy, header) for --policy oracle|random."""
+    import numpy as np
+
+    from fluxrl.envs import make_env
+    from fluxrl.envs.ogbench_envs import oracle_policy
+    from fluxrl.names import parse_task
+
+    if args.task is None:
+        raise FluxrlError(f"fluxrl eval: name the task to evaluate --policy {args.policy} on.")
+    spec = parse_task(args.task)
+    if args.policy == "oracle":
+        if spec.family == "dmc":
+            raise FluxrlError(f"There is no scripted oracle for the DMC task '{spec.name}'; use --policy random.")
+        env_fn, policy = _oracle_eval_setup(spec.name, make_env, oracle_policy)
+        return spec.name, env_fn, policy, None
+    probe = make_env(spec.name)
+    space = probe.action_space
+    probe.close()
+
+    def policy(obs, rng):
+        return rng.uniform(space.low, space.high).astype(np.float32)
+
+    return spec.name, spec.name, policy, None
+
+
+def _exported_eval_setup(args):
+    """(task, env_fn, policy, header) for --policy EXPORTED_DIR: its run's evaluation protocol and, by default,
+    its task."""
+    from fluxrl.train import external
+    from fluxrl.train.engine import CONFIG_FILE
+    from fluxrl.train.export import POLICY_FILE, load_policy
+
+    path = args.policy
+    if not os.path.exists(os.path.join(path, POLICY_FILE)):
+        if os.path.exists(os.path.join(path, CONFIG_FILE)):
+            raise FluxrlError(f"{path} is a run directory, not an exported policy; export one first: "
+                              f"fluxrl export {path} --seed S --out DIR.")
+        raise FluxrlError(f"--policy {path}: expected 'oracle', 'random' or the directory of an exported policy "
+                          f"(no {POLICY_FILE} there).")
+    loaded = load_policy(path)
+    task = args.task or loaded.meta.get("task")
+    if not task:
+        raise FluxrlError(f"{path} records no task; name the task to evaluate it on.")
+
+    def env_fn(render_size=None):
+        return external.make_env(task, render_size=render_size)
+
+    probe = env_fn()
+    obs_shape, action_dim = tuple(probe.observation_space.shape), int(probe.action_space.shape[-1])
+    probe.close()
+    if obs_shape != loaded.observation_shape or action_dim != loaded.action_dim:
+        raise FluxrlError(f"{path} acts on observations {loaded.observation_shape} with {loaded.action_dim}-"
+                          f"dimensional actions but task '{task}' has {obs_shape} and {action_dim}.")
+    chosen = args.deterministic or args.stochastic
+    deterministic = args.deterministic if chosen else loaded.eval_deterministic
+    meta = loaded.meta
+    header = (f"{meta['agent']} policy (seed {meta['seed']}, step {meta['step']}, trained on {meta['task']}) on "
+              f"{task}: actions {'deterministic' if deterministic else 'sampled'}"
+              + ("" if chosen else ", as in its run's evaluation"))
+    policy = loaded.eval_policy(deterministic)
+    return task, env_fn, policy, header
 
 
 def _oracle_eval_setup(task, make_env, oracle_policy):

@@ -6,6 +6,7 @@ import os
 import sys
 import threading
 
+import gymnasium
 import jax
 import numpy as np
 import pytest
@@ -112,6 +113,78 @@ def test_export_from_a_checkout_that_is_not_installed(trained, tmp_path, monkeyp
     assert main(["export", str(trained), "--seed", "0", "--out", str(out)]) == 0
     assert json.loads((out / "policy.json").read_text())["fluxrl_version"] == "unknown (not installed)"
     assert load_policy(str(out))(np.zeros(tiny.OBS_DIM, np.float32)).shape == (tiny.ACT_DIM,)
+
+
+@pytest.mark.parametrize("eval_deterministic", [True, False])
+def test_eval_of_an_exported_policy_reproduces_its_runs_evaluation(eval_deterministic, dataset, tmp_path,
+                                                                   monkeypatch, capsys):
+    """`fluxrl eval --policy EXPORTED` acts as the run's evaluation did: the same episodes and (for an agent that
+    samples when evaluated) the same keys, so the run's seed gives the run's numbers."""
+    from fluxrl.cli import main as fluxrl_main
+    from fluxrl.train.engine import EVAL_EPISODE_SALT, episode_seed
+
+    monkeypatch.setattr(tiny, "EVAL_DETERMINISTIC", eval_deterministic, raising=False)
+    run = tmp_path / "run"
+    assert main(train_argv(run, dataset, "--eval_episodes", "3")) == 0
+    final = [r for r in tiny._csv(run / "eval.csv") if r["step"] == "40" and r["seed"] == "1"][0]
+    assert main(["export", str(run), "--seed", "1", "--out", str(tmp_path / "policy")]) == 0
+    capsys.readouterr()
+
+    seed = episode_seed(1, EVAL_EPISODE_SALT, 40)
+    report = tmp_path / "eval.json"
+    # No task named: the policy's own.
+    assert fluxrl_main(["eval", "--policy", str(tmp_path / "policy"), "--episodes", "3", "--seed", str(seed),
+                        "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    acting = "deterministic" if eval_deterministic else "sampled"
+    header = f"test_engine policy (seed 1, step 40, trained on {tiny.TASK}) on {tiny.TASK}: actions {acting}, as in"
+    assert header in out
+    result = json.loads(report.read_text())
+    assert result["task"] == tiny.TASK and result["episodes"] == 3 and len(result["returns"]) == 3
+    assert result["mean_return"] == pytest.approx(float(final["evaluation/return"]), rel=1e-6)
+    assert result["success_rate"] == pytest.approx(float(final["evaluation/success"]))
+    assert result["mean_length"] == pytest.approx(float(final["evaluation/length"]))
+
+    # The other acting mode, asked for explicitly, acts differently.
+    flag = "--stochastic" if eval_deterministic else "--deterministic"
+    other = tmp_path / "other.json"
+    assert fluxrl_main(["eval", tiny.TASK, "--policy", str(tmp_path / "policy"), "--episodes", "3", "--seed",
+                        str(seed), flag, "--json", str(other)]) == 0
+    assert f"actions {'sampled' if eval_deterministic else 'deterministic'}\n" in capsys.readouterr().out
+    assert json.loads(other.read_text())["returns"] != result["returns"]
+
+
+def test_eval_refuses_what_it_cannot_evaluate(trained, tmp_path, monkeypatch, capsys):
+    from fluxrl.cli import main as fluxrl_main
+
+    policy = tmp_path / "policy"
+    assert main(["export", str(trained), "--out", str(policy)]) == 0
+    capsys.readouterr()
+    assert fluxrl_main(["eval", "--policy", str(trained)]) == 2
+    one_error_line(capsys, "is a run directory", f"fluxrl export {trained}")
+    assert fluxrl_main(["eval", tiny.TASK, "--policy", str(tmp_path / "nothing")]) == 2
+    one_error_line(capsys, "expected 'oracle', 'random' or the directory of an exported policy")
+    assert fluxrl_main(["eval", "--policy", "random"]) == 2
+    one_error_line(capsys, "name the task")
+    assert fluxrl_main(["eval", tiny.TASK, "--policy", "oracle", "--deterministic"]) == 2
+    one_error_line(capsys, "apply to an exported policy")
+
+    # Existing result files are kept, before any episode runs.
+    for flag, name in (("--json", "old.json"), ("--video", "old.mp4")):
+        (tmp_path / name).write_text("keep me")
+        assert fluxrl_main(["eval", "--policy", str(policy), flag, str(tmp_path / name)]) == 2
+        one_error_line(capsys, "already exists", flag)
+        assert (tmp_path / name).read_text() == "keep me"
+
+    class WiderEnv(tiny.LineEnv):
+        def __init__(self, seed=None, render_size=None):
+            super().__init__(seed, render_size)
+            self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (tiny.OBS_DIM + 1,), np.float32)
+
+    monkeypatch.setattr(external, "make_env", lambda task, seed=None, render_size=None: WiderEnv(seed, render_size))
+    assert fluxrl_main(["eval", "walker-stand", "--policy", str(policy)]) == 2
+    one_error_line(capsys, f"acts on observations ({tiny.OBS_DIM},) with {tiny.ACT_DIM}-dimensional actions",
+                   f"'walker-stand' has ({tiny.OBS_DIM + 1},) and {tiny.ACT_DIM}")
 
 
 def test_restore_seed_states_gives_every_seeds_checkpointed_state(trained):

@@ -187,10 +187,27 @@ class LoadedPolicy:
     def __init__(self, agent, state, spec: dict, meta: dict):
         self.agent, self.state, self.meta = agent, state, meta
         self.observation_shape = tuple(spec["observations"][0])
+        self.action_dim = int(spec["actions"][0][-1])
         self.config = state.config if hasattr(state, "config") else None
+        # How the run's own evaluation acted (e.g. FQL samples its noise there); eval_policy's default.
+        self.eval_deterministic = bool(getattr(agent, "EVAL_DETERMINISTIC", True))
         norm = meta.get("obs_norm")
-        mean, std = (jnp.asarray(norm["mean"]), jnp.asarray(norm["std"])) if norm else (0.0, 1.0)
+        self._mean, self._std = (jnp.asarray(norm["mean"]), jnp.asarray(norm["std"])) if norm else (0.0, 1.0)
+        mean, std = self._mean, self._std
         self._act = jax.jit(lambda s, o, k, d: agent.act(s, (o - mean) / std, k, deterministic=d), static_argnums=3)
+
+    def eval_policy(self, deterministic: bool | None = None):
+        """This policy in fluxrl.envs.evaluate's protocol, acting as the training run's evaluation did (the same
+        compiled act, the same per-episode keys: evaluate with the run's seed gives the run's numbers), with
+        `deterministic` defaulting to the agent's EVAL_DETERMINISTIC."""
+        from fluxrl.envs.evaluate import jax_policy
+        from fluxrl.train.engine import make_act, make_row_act
+
+        deterministic = self.eval_deterministic if deterministic is None else bool(deterministic)
+        act, row_act = make_act(self.agent, deterministic), make_row_act(self.agent, deterministic)
+        state, mean, std = self.state, self._mean, self._std
+        return jax_policy(lambda observations, key: act(state, (observations - mean) / std, key),
+                          lambda observations, keys: row_act(state, (observations - mean) / std, keys))
 
     def __call__(self, observations, key=None, deterministic: bool = True):
         if key is None:
