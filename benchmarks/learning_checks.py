@@ -19,6 +19,8 @@ import subprocess
 import sys
 from typing import NamedTuple
 
+from fluxrl.train.tables import markdown_table
+
 
 class Dataset(NamedTuple):
     file: str
@@ -194,8 +196,7 @@ def main() -> None:
             run_dirs.append(run_dir)
         if run_dirs and not args.dry_run:
             metric = PRETRAIN_CHECKS[check].metric if check in PRETRAIN_CHECKS else "evaluation/success"
-            subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "results_table.py"), *run_dirs,
-                            "--metric", metric], check=True)
+            print(markdown_table(run_dirs, metric))
 
 
 if __name__ == "__main__":

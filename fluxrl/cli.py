@@ -6,6 +6,7 @@
   fluxrl tasks
   fluxrl eval [TASK] [--policy oracle|random|EXPORTED_DIR] [--episodes N] [--seed S] [--video FILE] [--json FILE]
   fluxrl train AGENT ... | fluxrl export RUN_DIR ... | fluxrl plot RUN_DIR... --out FILE.png
+  fluxrl table RUN_DIR... [--metric M] [--out FILE.md|FILE.csv]
   fluxrl pretrain AGENT ... | fluxrl finetune PRETRAIN_DIR ...
   fluxrl demo [--out DIR]
 
@@ -20,7 +21,7 @@ import sys
 
 from fluxrl.errors import FluxrlError, TrainingInterrupted
 
-ENGINE_COMMANDS = ("train", "pretrain", "finetune", "export", "plot")
+ENGINE_COMMANDS = ("train", "pretrain", "finetune", "export", "plot", "table")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,7 +38,8 @@ def _build_parser() -> argparse.ArgumentParser:
                        ("pretrain", "reward-free pre-training (InFOM and its ablations)"),
                        ("finetune", "fine-tune a pre-training run on a task's rewards"),
                        ("export", "write a run's policy as a self-contained file"),
-                       ("plot", "draw learning curves of one or more runs")):
+                       ("plot", "draw learning curves of one or more runs"),
+                       ("table", "tabulate the final and per-evaluation results of one or more runs")):
         sub.add_parser(name, help=text, add_help=False)
     data = sub.add_parser("data", help="generate, inspect and relabel datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)

@@ -1,4 +1,4 @@
-"""`fluxrl train | export | plot`.
+"""`fluxrl train | pretrain | finetune | export | plot | table`.
 
   fluxrl train AGENT --task TASK [--dataset FILE] [--steps N] [--seeds K] [--preset paper|cpu] [--run_dir DIR]
                [--agent.FIELD VALUE ...] [... every TrainConfig field, see --help]
@@ -7,6 +7,7 @@
   fluxrl finetune PRETRAIN_DIR --dataset REWARD_LABELLED_FILE [--task TASK] [--steps N] [--run_dir DIR] [...]
   fluxrl export RUN_DIR [--seed S] [--out PATH] [--step N]
   fluxrl plot RUN_DIR... --out FILE.png [--metric NAME] [--overwrite]
+  fluxrl table RUN_DIR... [--metric NAME] [--out FILE.md|FILE.csv] [--overwrite]
 
 Flags are generated from the frozen config dataclasses with tyro (underscores as in FQL's flags; hyphens work
 too). The agent config starts from --preset with the task's per-task values (for_task); only --agent.* flags
@@ -207,8 +208,26 @@ def plot_main(argv: list[str]) -> int:
     return 0
 
 
+def table_main(argv: list[str]) -> int:
+    from fluxrl.train.tables import markdown_table, write_table
+
+    parser = _Parser(prog="fluxrl table", description="Results table: a metric's mean over seeds at each evaluation "
+                     "and its final value, one row per run.")
+    parser.add_argument("run_dirs", nargs="+")
+    parser.add_argument("--metric", help="column to tabulate (default evaluation/success, else evaluation/return)")
+    parser.add_argument("--out", help="write to this .md (Markdown) or .csv (a row per run and step) file instead "
+                        "of printing Markdown")
+    parser.add_argument("--overwrite", action="store_true")
+    opts = parser.parse_args(argv)
+    if opts.out:
+        print(write_table(opts.run_dirs, opts.out, metric=opts.metric, overwrite=opts.overwrite))
+    else:
+        print(markdown_table(opts.run_dirs, metric=opts.metric), end="")
+    return 0
+
+
 COMMANDS = {"train": train_main, "pretrain": pretrain_main, "finetune": finetune_main, "export": export_main,
-            "plot": plot_main}
+            "plot": plot_main, "table": table_main}
 
 
 def run_command(command: str, argv: list[str]) -> int:
@@ -234,7 +253,7 @@ def run_command(command: str, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """argv = [train|export|plot, ...] (without the program name)."""
+    """argv = [command, ...] (a key of COMMANDS first; without the program name)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         print(f"error: expected one of {', '.join(COMMANDS)} (e.g. fluxrl train fql --task ...).", file=sys.stderr)

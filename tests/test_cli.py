@@ -123,5 +123,5 @@ def test_top_level_help_lists_every_command(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     listed = capsys.readouterr().out
-    for command in ("train", "pretrain", "finetune", "export", "plot", "data", "tasks", "eval", "demo"):
+    for command in ("train", "pretrain", "finetune", "export", "plot", "table", "data", "tasks", "eval", "demo"):
         assert f"    {command} " in listed, command

@@ -1,5 +1,7 @@
-"""`fluxrl train | export | plot` end to end with the tiny agent and env, the dataset cache, and bad input."""
+"""`fluxrl train | export | eval | plot | table` end to end with the tiny agent and env, the dataset cache, and bad
+input."""
 
+import csv
 import importlib.metadata
 import json
 import os
@@ -284,6 +286,57 @@ def test_plot_writes_png(trained, tmp_path, dataset, capsys):
     one_error_line(capsys, "No run logged metric 'nope'")
 
 
+def test_table_gives_each_runs_results_from_its_eval_csv(trained, tmp_path, dataset, capsys):
+    second = tmp_path / "second"
+    assert main(train_argv(second, dataset, "--seed", "5", "--seeds", "1", "--agent.lr", "0.2")) == 0
+    capsys.readouterr()
+    expected = {}
+    for run in (trained, second):
+        rows = tiny._csv(run / "eval.csv")
+        expected[str(run)] = {(int(r["step"]), int(r["seed"])): float(r["evaluation/return"]) for r in rows}
+    assert sorted({step for step, _ in expected[str(trained)]}) == [0, 20, 40]
+    assert len(set(expected[str(trained)].values())) == 6  # distinct values: a mix-up of seeds or steps shows
+
+    assert main(["table", str(trained)]) == 0
+    assert capsys.readouterr().out.startswith("evaluation/success at steps 0, 20, 40\n")  # the default metric
+    assert main(["table", str(trained), str(second), "--metric", "evaluation/return"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "evaluation/return at steps 0, 20, 40"
+    first_final = [expected[str(trained)][(40, seed)] for seed in (0, 1)]
+    means = " → ".join(f"{np.mean([expected[str(trained)][(t, s)] for s in (0, 1)]):.2f}" for t in (0, 20, 40))
+    assert lines[4] == (f"| test_engine [lr=0.1] | cpu | {tiny.TASK} | data.npz | 2 | {means} | "
+                        f"{np.mean(first_final):.2f} ± {np.std(first_final):.2f} "
+                        f"({first_final[0]:.2f}, {first_final[1]:.2f}) |")
+    assert lines[5].startswith("| test_engine [lr=0.2] | cpu |") and "| 1 |" in lines[5]
+
+    out = tmp_path / "results.csv"
+    assert main(["table", str(trained), str(second), "--metric", "evaluation/return", "--out", str(out)]) == 0
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 + 3  # a row per run and evaluation step
+    seeds = {str(trained): (0, 1), str(second): (5,)}
+    for row in rows:
+        values = [expected[row["run_dir"]][(int(row["step"]), seed)] for seed in seeds[row["run_dir"]]]
+        assert [float(v) for v in row["per_seed"].split(";")] == values
+        assert float(row["mean"]) == pytest.approx(np.mean(values))
+        assert float(row["std"]) == pytest.approx(np.std(values))
+        assert row["metric"] == "evaluation/return" and int(row["seeds"]) == len(values)
+    assert main(["table", str(trained), "--metric", "training/actor_loss", "--out", str(tmp_path / "loss.md")]) == 0
+    assert (tmp_path / "loss.md").read_text().startswith("training/actor_loss at steps 10, 20, 30, 40\n")
+
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main(["table", str(trained), "--out", str(out)]) == 2
+    one_error_line(capsys, "already exists")
+    assert out.read_bytes() == before
+    assert main(["table", str(trained), "--out", str(tmp_path / "t.txt")]) == 2
+    one_error_line(capsys, "must end with .md or .csv")
+    assert main(["table", str(trained), "--metric", "nope"]) == 2
+    one_error_line(capsys, "No run logged metric 'nope'")
+    assert main(["table", str(tmp_path / "nothing")]) == 2
+    one_error_line(capsys, "not a fluxrl run directory")
+
+
 def test_plot_labels_split_runs_only_where_their_agent_configs_differ(tmp_path):
     from fluxrl.train.plotting import run_labels
 
@@ -362,7 +415,7 @@ def test_divergence_exits_non_zero_with_one_message(tmp_path, dataset, capsys):
     (["export", "/nonexistent_run"], ["not a fluxrl run directory"]),
     (["export"], ["run_dir"]),
     (["plot", "/nonexistent_run", "--out", "x.png"], ["not a fluxrl run directory"]),
-    (["nosuchcommand"], ["expected one of train, pretrain, finetune, export, plot"]),
+    (["nosuchcommand"], ["expected one of train, pretrain, finetune, export, plot, table"]),
 ])
 def test_bad_input_is_one_sentence(argv, fragments, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -25,7 +25,7 @@ def _read_csv(path: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _run_record(run_dir: str) -> dict:
+def run_record(run_dir: str) -> dict:
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
         raise FluxrlError(f"{run_dir} is not a fluxrl run directory (no config.json).")
@@ -36,7 +36,7 @@ def _run_record(run_dir: str) -> dict:
 def config_differences(run_dirs: list[str]) -> dict[str, str]:
     """Per run, the agent-config values ("k=v, ...") that differ between the given runs of the same agent, task and
     preset (e.g. a sweep); "" where nothing tells a run apart from the others of its kind."""
-    return _differences({d: _run_record(d) for d in run_dirs})
+    return _differences({d: run_record(d) for d in run_dirs})
 
 
 def _differences(records: dict[str, dict]) -> dict[str, str]:
@@ -55,7 +55,7 @@ def _differences(records: dict[str, dict]) -> dict[str, str]:
 def run_labels(run_dirs: list[str]) -> dict[str, str]:
     """A curve label per run: agent / task (preset) [differing config values], so only runs of one configuration
     share a curve."""
-    records = {d: _run_record(d) for d in run_dirs}
+    records = {d: run_record(d) for d in run_dirs}
     differences = _differences(records)
     labels = {}
     for d, r in records.items():
