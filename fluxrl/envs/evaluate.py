@@ -65,7 +65,8 @@ class EvalResult:
 
     def summary(self) -> str:
         text = (
-            f"{self.task}: {len(self.returns)} episodes (seed {self.seed}), return {self.mean_return:.2f} "
+            f"{self.task}: {len(self.returns)} episode{'' if len(self.returns) == 1 else 's'} (seed {self.seed}), "
+            f"return {self.mean_return:.2f} "
             f"± {float(np.std(self.returns)):.2f}, success {self.success_rate:.2f}, length {self.mean_length:.1f}"
         )
         return text + (f"; video {self.video_path}" if self.video_path else "")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -82,9 +83,12 @@ def write_video(path: str, frames: Sequence[np.ndarray], fps: float = 20.0, over
         import imageio.v2 as imageio
 
         if ext == ".mp4":
-            with imageio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", macro_block_size=1) as w:
-                for f in frames:
-                    w.append_data(f)
+            with warnings.catch_warnings():
+                # JAX warns at every fork; imageio's ffmpeg child execs at once (fork_exec), so nothing can deadlock.
+                warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+                with imageio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", macro_block_size=1) as w:
+                    for f in frames:
+                        w.append_data(f)
         else:
             from PIL import Image
 
