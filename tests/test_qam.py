@@ -3,6 +3,7 @@ critic (exact discrete answer and continuous tilt), the agent's own networks rea
 the pessimistic TD target (also over action chunks), targets, gradient clipping, presets, and a chunked CLI run
 end to end (evaluation, export, load_policy)."""
 
+import csv
 import dataclasses
 import json
 import math
@@ -597,3 +598,16 @@ def test_cli_train_with_chunks_evaluate_export_and_load(tmp_path, monkeypatch):
     chunks = np.asarray(policy(obs))
     assert chunks.shape == (4, 3, tiny.ACT_DIM) and np.all(np.abs(chunks) <= 1)
     np.testing.assert_allclose(np.asarray(policy(obs[0])), chunks[0], atol=1e-6)
+
+    # `fluxrl eval` of the exported chunking policy (QAM samples when evaluated) reproduces the run's evaluation.
+    from fluxrl.cli import main as fluxrl_main
+    from fluxrl.train.engine import EVAL_EPISODE_SALT, episode_seed
+
+    rows = csv.DictReader((run / "eval.csv").read_text().splitlines())
+    final = [r for r in rows if r["step"] == "6" and r["seed"] == "1"][0]
+    report = tmp_path / "eval.json"
+    assert fluxrl_main(["eval", "--policy", str(run / "policy_seed1"), "--episodes", "2", "--seed",
+                        str(episode_seed(1, EVAL_EPISODE_SALT, 6)), "--json", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert result["mean_return"] == pytest.approx(float(final["evaluation/return"]), rel=1e-6)
+    assert result["mean_length"] == pytest.approx(float(final["evaluation/length"]))

@@ -187,7 +187,8 @@ class LoadedPolicy:
     def __init__(self, agent, state, spec: dict, meta: dict):
         self.agent, self.state, self.meta = agent, state, meta
         self.observation_shape = tuple(spec["observations"][0])
-        self.action_dim = int(spec["actions"][0][-1])
+        # A chunking agent (QAM) samples actions_chunk (H, action_dim) instead of actions (action_dim,).
+        self.action_dim = int((spec.get("actions") or spec["actions_chunk"])[0][-1])
         self.config = state.config if hasattr(state, "config") else None
         # How the run's own evaluation acted (e.g. FQL samples its noise there); eval_policy's default.
         self.eval_deterministic = bool(getattr(agent, "EVAL_DETERMINISTIC", True))
