@@ -156,15 +156,11 @@ def _cmd_eval(args) -> int:
     result.task = task
     print(result.summary())
     if args.json:
-        from fluxrl.data.dataset import atomic_write
+        from fluxrl.data.dataset import atomic_write_text
 
         record = {"policy": args.policy, "max_steps": args.max_steps, **result.to_dict()}
-
-        def write(tmp):
-            with open(tmp, "w") as f:
-                json.dump(record, f, indent=2, default=lambda x: np.asarray(x).tolist())
-
-        atomic_write(args.json, write, overwrite=args.overwrite)
+        atomic_write_text(args.json, json.dumps(record, indent=2, default=lambda x: np.asarray(x).tolist()),
+                          overwrite=args.overwrite)
     return 0
 
 

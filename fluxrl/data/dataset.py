@@ -209,6 +209,16 @@ def atomic_write(path: str | os.PathLike, write_fn, overwrite: bool = False) -> 
             os.remove(tmp)
 
 
+def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = False) -> None:
+    """atomic_write of a text file."""
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    atomic_write(path, write, overwrite=overwrite)
+
+
 def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], overwrite: bool = False) -> None:
     """Write a compressed npz atomically (no pickled objects)."""
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from fluxrl.data.dataset import (
     atomic_write,
+    atomic_write_text,
     canonicalize,
     compact_to_regular,
     episode_bounds,
@@ -233,7 +234,7 @@ def write_minari(directory, data: Mapping[str, np.ndarray], overwrite: bool = Fa
     info = {"total_episodes": int(len(starts)), "total_steps": int(len(terminals)), "data_format": "hdf5"}
     info.update({k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in all_meta.items()})
     atomic_write(main, write, overwrite=overwrite)
-    atomic_write(meta_path, lambda tmp: _write_text(tmp, json.dumps(info, indent=1)), overwrite=True)
+    atomic_write_text(meta_path, json.dumps(info, indent=1), overwrite=True)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -838,7 +839,3 @@ def _write_h5(tmp: str, arrays: Mapping[str, np.ndarray], meta: Mapping, format:
         for k, v in arrays.items():
             f.create_dataset(k, data=v)
 
-
-def _write_text(tmp: str, text: str) -> None:
-    with open(tmp, "w") as fh:
-        fh.write(text)

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fluxrl.data.dataset import atomic_write
+from fluxrl.data.dataset import atomic_write_text
 from fluxrl.data.generate import val_path  # the validation split: -val before .npz (OGBench)
 from fluxrl.data.sampler import Sampler, normalize_observations, observation_stats
 from fluxrl.errors import FluxrlError, TrainingInterrupted
@@ -308,6 +308,17 @@ def make_row_act(agent, deterministic: bool):
         return jax.vmap(lambda o, k: agent.act(state, o[None], k, deterministic=deterministic)[0])(observations, keys)
 
     return jax.jit(row_act)
+
+
+def make_eval_actors(agent, deterministic: bool, obs_norm: dict | None):
+    """(act, row_act) as the engine's evaluation calls them, on raw observations (normalised first with the run's
+    obs_norm statistics, if any): act(state, observations, key), row_act(state, observations, key_data)."""
+    act, row_act = make_act(agent, deterministic), make_row_act(agent, deterministic)
+    if not obs_norm:
+        return act, row_act
+    mean, std = jnp.asarray(obs_norm["mean"]), jnp.asarray(obs_norm["std"])
+    return (lambda state, observations, key: act(state, (observations - mean) / std, key),
+            lambda state, observations, keys: row_act(state, (observations - mean) / std, keys))
 
 
 def task_defaults_text(agent, task: str, defaults: dict) -> str | None:
@@ -579,11 +590,8 @@ class Trainer:
             self.checkpointer.close()
             raise
         if not self.resuming or new_length:  # atomically: a half-written config.json would orphan the run
-            def write(tmp):
-                with open(tmp, "w") as f:
-                    json.dump(self.config_record(), f, indent=2)
-
-            atomic_write(os.path.join(self.run_dir, CONFIG_FILE), write, overwrite=True)
+            atomic_write_text(os.path.join(self.run_dir, CONFIG_FILE), json.dumps(self.config_record(), indent=2),
+                              overwrite=True)
         self.carry = self._initial_carry()
         meta = None
         if latest is not None:
@@ -633,13 +641,8 @@ class Trainer:
         self.val_keys = seed_keys(self.seeds, 2)
         # The deterministic flag of the official evaluation (e.g. FQL samples its noise even there).
         deterministic = bool(getattr(self.agent, "EVAL_DETERMINISTIC", True))
-        self.act_eval = make_act(self.agent, deterministic)
-        self.row_act_eval = make_row_act(self.agent, deterministic)
-        if self.obs_norm:  # the agent sees normalised observations; the environment gives raw ones
-            act, row_act = self.act_eval, self.row_act_eval
-            mean, std = jnp.asarray(self.obs_norm["mean"]), jnp.asarray(self.obs_norm["std"])
-            self.act_eval = lambda state, observations, key: act(state, (observations - mean) / std, key)
-            self.row_act_eval = lambda state, observations, keys: row_act(state, (observations - mean) / std, keys)
+        # The agent sees normalised observations; the environment gives raw ones.
+        self.act_eval, self.row_act_eval = make_eval_actors(self.agent, deterministic, self.obs_norm)
         if self.online:
             self.online_step = make_online_step(self.agent, self.batch_size, self.fields, self.sample_options,
                                                 self.cfg.balanced_sampling, self.action_dim, self.chunk_size)

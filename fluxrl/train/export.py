@@ -12,6 +12,7 @@ load_policy rebuilds a state with the agent's init from policy.json and puts the
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -193,8 +194,7 @@ class LoadedPolicy:
         # How the run's own evaluation acted (e.g. FQL samples its noise there); eval_policy's default.
         self.eval_deterministic = bool(getattr(agent, "EVAL_DETERMINISTIC", True))
         norm = meta.get("obs_norm")
-        self._mean, self._std = (jnp.asarray(norm["mean"]), jnp.asarray(norm["std"])) if norm else (0.0, 1.0)
-        mean, std = self._mean, self._std
+        mean, std = (jnp.asarray(norm["mean"]), jnp.asarray(norm["std"])) if norm else (0.0, 1.0)
         self._act = jax.jit(lambda s, o, k, d: agent.act(s, (o - mean) / std, k, deterministic=d), static_argnums=3)
 
     def eval_policy(self, deterministic: bool | None = None):
@@ -202,13 +202,11 @@ class LoadedPolicy:
         compiled act, the same per-episode keys: evaluate with the run's seed gives the run's numbers), with
         `deterministic` defaulting to the agent's EVAL_DETERMINISTIC."""
         from fluxrl.envs.evaluate import jax_policy
-        from fluxrl.train.engine import make_act, make_row_act
+        from fluxrl.train.engine import make_eval_actors
 
         deterministic = self.eval_deterministic if deterministic is None else bool(deterministic)
-        act, row_act = make_act(self.agent, deterministic), make_row_act(self.agent, deterministic)
-        state, mean, std = self.state, self._mean, self._std
-        return jax_policy(lambda observations, key: act(state, (observations - mean) / std, key),
-                          lambda observations, keys: row_act(state, (observations - mean) / std, keys))
+        act, row_act = make_eval_actors(self.agent, deterministic, self.meta.get("obs_norm"))
+        return jax_policy(functools.partial(act, self.state), functools.partial(row_act, self.state))
 
     def __call__(self, observations, key=None, deterministic: bool = True):
         if key is None:

@@ -85,7 +85,7 @@ def csv_table(run_dirs: list[str], metric: str | None = None) -> str:
 
 def write_table(run_dirs: list[str], out: str, metric: str | None = None, overwrite: bool = False) -> str:
     """Write the table of `run_dirs` to `out`, Markdown (.md) or CSV (.csv) by extension; returns `out`."""
-    from fluxrl.data.dataset import atomic_write
+    from fluxrl.data.dataset import atomic_write_text
 
     kind = FORMATS.get(os.path.splitext(out)[1].lower())
     if kind is None:
@@ -93,10 +93,5 @@ def write_table(run_dirs: list[str], out: str, metric: str | None = None, overwr
     if os.path.exists(out) and not overwrite:
         raise FluxrlError(f"{out} already exists; refusing to overwrite it (pass --overwrite to replace it).")
     text = markdown_table(run_dirs, metric) if kind == "markdown" else csv_table(run_dirs, metric)
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    atomic_write(out, write, overwrite=overwrite)
+    atomic_write_text(out, text, overwrite=overwrite)
     return out
