@@ -3,6 +3,7 @@ against hand-computed expectations, and raw npz files agree with ogbench.utils.l
 
 import json
 import os
+import stat
 
 import h5py
 import numpy as np
@@ -355,6 +356,17 @@ def test_save_refuses_to_overwrite_and_is_atomic(tmp_path):
     io.save_dataset(path, other, overwrite=True)
     assert_same(io.load_dataset(path), other)
     assert sorted(os.listdir(tmp_path)) == ["d.npz"]  # no temporary file left behind
+
+
+def test_written_files_follow_the_umask_as_open_does(tmp_path):
+    """Not mkstemp's 0600: a dataset (or a video, a table, config.json) must be readable where the umask allows."""
+    previous = os.umask(0o022)
+    try:
+        path = _saved(tmp_path / "d.npz", make_regular([3]))
+        (tmp_path / "plain").write_text("x")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o644
 
 
 def test_save_format_from_extension(tmp_path):

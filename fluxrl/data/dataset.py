@@ -22,7 +22,7 @@ rows, the last row's action is meaningless, and terminals = 1 marks that last ro
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from typing import Mapping
 
 import numpy as np
@@ -199,8 +199,9 @@ def atomic_write(path: str | os.PathLike, write_fn, overwrite: bool = False) -> 
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", suffix=suffix, dir=directory)
-    os.close(fd)
+    tmp = os.path.join(directory, f".tmp-{os.path.basename(path)}-{uuid.uuid4().hex[:12]}{suffix}")
+    # Created as open() would (mode 0666 less the umask), not 0600 as mkstemp does: others may need to read it.
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         write_fn(tmp)
         os.replace(tmp, path)
