@@ -5,10 +5,12 @@
 
 CHECK is one of: cube2 (cube-single task 2), maze3 (point-maze medium task 3) for the offline agents; walker
 (walker-stand), infom_cube2 and infom_maze3 (the same tasks) for pre-training then fine-tuning, next to IQL and
-ReBRAC trained on the fine-tuning data alone. Runs go one after another into RUNS/CHECK/RUN; a run directory that
-already exists is resumed from its last checkpoint (or left alone when finished), so the script can be stopped
-and started again. The datasets are generated into DATA once. `--steps`/`--seeds` override every phase's steps
-and the seed count (e.g. the papers' 1M steps on a GPU, with `--preset paper`); the results tables say what ran.
+ReBRAC trained on the fine-tuning data alone; pendulum (Gymnasium's InvertedPendulum-v4) for FPMD online from
+scratch, next to ReBRAC at α = 0 (TD3 with LayerNorm). Runs go one after another into RUNS/CHECK/RUN; a run
+directory that already exists is resumed from its last checkpoint (or left alone when finished), so the script can
+be stopped and started again. The datasets are generated into DATA once. `--steps`/`--seeds` override every phase's
+steps (an online check's online steps) and the seed count (e.g. the papers' 1M steps on a GPU, with `--preset
+paper`); the results tables say what ran.
 """
 
 from __future__ import annotations
@@ -33,6 +35,15 @@ class OfflineCheck(NamedTuple):
     dataset: str  # a DATASETS key
     task: str
     steps: int
+    seeds: int
+    schedule: dict
+    runs: dict  # run name -> extra flags; the agent is the name's part before "_"
+
+
+class OnlineCheck(NamedTuple):
+    task: str
+    online_steps: int
+    warmup_steps: int  # uniformly random actions before the first update
     seeds: int
     schedule: dict
     runs: dict  # run name -> extra flags; the agent is the name's part before "_"
@@ -78,6 +89,13 @@ OFFLINE_CHECKS = {
     "cube2": OfflineCheck("cube", "cube-single-play-singletask-task2", 30000, 3, SPARSE, EXTRACTION),
     "maze3": OfflineCheck("maze", "pointmaze-medium-navigate-singletask-task3", 20000, 3, SPARSE, EXTRACTION),
 }
+# Online from scratch (no dataset): FPMD next to ReBRAC, whose α_actor = α_critic = 0 on a task without published
+# values makes it TD3 with LayerNorm, a plain online actor-critic.
+ONLINE_CHECKS = {
+    "pendulum": OnlineCheck("InvertedPendulum-v4", 10000, 1000, 3,
+                            {"eval_interval": 1000, "eval_episodes": 5, "log_interval": 500},
+                            {"fpmd": (), "rebrac": ()}),
+}
 # The InFOM issue's comparison: pre-trained InFOM and FOM next to IQL and ReBRAC on the fine-tuning data alone.
 PRETRAIN_COMPARISON = {"infom": PretrainRun("infom", (), 10000), "fom": PretrainRun("fom", (), 10000),
                        "iql": PretrainRun("iql", (), None), "rebrac": PretrainRun("rebrac", (), None)}
@@ -103,10 +121,12 @@ PRETRAIN_CHECKS = {
     "infom_maze3": PretrainCheck("maze", "maze_ft", "pointmaze-medium-navigate-singletask-task3", 20000, 3,
                                  SPARSE_FREQUENT_SAVES, PRETRAIN_COMPARISON, "evaluation/success"),
 }
-CHECKS = ("cube2", "maze3", *PRETRAIN_CHECKS)
+CHECKS = ("cube2", "maze3", *PRETRAIN_CHECKS, *ONLINE_CHECKS)
 
 
 def datasets_of(check: str) -> tuple[str, ...]:
+    if check in ONLINE_CHECKS:
+        return ()
     if check in OFFLINE_CHECKS:
         return (OFFLINE_CHECKS[check].dataset,)
     spec = PRETRAIN_CHECKS[check]
@@ -123,6 +143,18 @@ def commands(check: str, data: str, runs: str, preset: str, steps: int | None, s
              only: set[str] | None) -> list[tuple[str, list[list[str]]]]:
     """[(run directory, [fluxrl argv, ...])] of `check`; the run directory is the last command's."""
     out = []
+    if check in ONLINE_CHECKS:
+        spec = ONLINE_CHECKS[check]
+        for name, extra in spec.runs.items():
+            if only and name not in only:
+                continue
+            run_dir = os.path.join(runs, check, name)
+            argv = ["train", name.split("_")[0], "--task", spec.task, "--steps", "0", "--online_steps",
+                    str(steps or spec.online_steps), "--warmup_steps", str(spec.warmup_steps), "--seeds",
+                    str(seeds or spec.seeds), "--preset", preset, *_schedule(spec.schedule), "--run_dir", run_dir,
+                    *extra]
+            out.append((run_dir, [argv]))
+        return out
     if check in OFFLINE_CHECKS:
         spec = OFFLINE_CHECKS[check]
         path = os.path.join(data, DATASETS[spec.dataset].file)
@@ -195,7 +227,8 @@ def main() -> None:
                 run(argv)
             run_dirs.append(run_dir)
         if run_dirs and not args.dry_run:
-            metric = PRETRAIN_CHECKS[check].metric if check in PRETRAIN_CHECKS else "evaluation/success"
+            metric = (PRETRAIN_CHECKS[check].metric if check in PRETRAIN_CHECKS
+                      else "evaluation/return" if check in ONLINE_CHECKS else "evaluation/success")
             print(markdown_table(run_dirs, metric))
 
 

@@ -176,8 +176,9 @@ def _scripted_eval_setup(args):
         raise FluxrlError(f"fluxrl eval: name the task to evaluate --policy {args.policy} on.")
     spec = parse_task(args.task)
     if args.policy == "oracle":
-        if spec.family == "dmc":
-            raise FluxrlError(f"There is no scripted oracle for the DMC task '{spec.name}'; use --policy random.")
+        if spec.family in ("dmc", "gym"):
+            kind = "DMC" if spec.family == "dmc" else "Gymnasium"
+            raise FluxrlError(f"There is no scripted oracle for the {kind} task '{spec.name}'; use --policy random.")
         env_fn, policy = _oracle_eval_setup(spec.name, make_env, oracle_policy)
         return spec.name, env_fn, policy, None
     probe = make_env(spec.name)

@@ -126,7 +126,7 @@ def train_main(argv: list[str], pretrain: bool = False) -> int:
         config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
         agent_config = args.agent
     result = Trainer(agent_spec, config, agent_config).run()
-    print(_final_line(result), flush=True)
+    print(_final_line(result, config.task), flush=True)
     return 0
 
 
@@ -167,16 +167,18 @@ def finetune_main(argv: list[str]) -> int:
         raise FluxrlError("--init_from is set by `fluxrl finetune` itself; give the pre-training run as its argument.")
     agent_config = from_jsonable(module.Config, record["agent_config"], path)
     result = Trainer(agent_spec, config, agent_config).run()
-    print(_final_line(result), flush=True)
+    print(_final_line(result, config.task), flush=True)
     return 0
 
 
-def _final_line(result) -> str:
+def _final_line(result, task: str) -> str:
+    from fluxrl.train.engine import has_success
+
     text = f"Finished {result.run_dir} at step {result.step}"
     if result.last_eval:
         rows = result.last_eval["rows"]
-        means = [f"{name} {sum(r[name] for r in rows) / len(rows):.4g}"
-                 for name in ("evaluation/success", "evaluation/return") if name in rows[0]]
+        names = ("evaluation/success", "evaluation/return") if has_success(task) else ("evaluation/return",)
+        means = [f"{name} {sum(r[name] for r in rows) / len(rows):.4g}" for name in names if name in rows[0]]
         if means:
             text += f"; {', '.join(means)} (mean over {len(rows)} seed(s))"
     return text + "."

@@ -4,7 +4,9 @@ Datasets:  cube-single-play, cube-double-noisy, scene-play, puzzle-4x4-play, poi
            walker-explore, ...   (a trailing `-v0` is accepted; `-val` names the validation split)
 Tasks:     <dataset>-singletask-task{1..5} (or `<dataset>-singletask` for the env's default task),
            e.g. cube-single-play-singletask-task2, pointmaze-medium-navigate-singletask-task1;
-           DMC tasks as <domain>-<task>, e.g. walker-walk, jaco-reach_top_left (dataset <domain>-explore).
+           DMC tasks as <domain>-<task>, e.g. walker-walk, jaco-reach_top_left (dataset <domain>-explore);
+           Gymnasium's MuJoCo tasks by their Gymnasium ids, e.g. HalfCheetah-v4, Hopper-v5 (no default dataset:
+           online from scratch, or a dataset the user has, such as a D4RL hdf5 file).
 """
 
 from __future__ import annotations
@@ -26,6 +28,15 @@ DMC_TASKS = {
     "jaco": ("reach_top_left", "reach_top_right", "reach_bottom_left", "reach_bottom_right"),
 }
 DMC_DATASET_MODE = "explore"
+# Gymnasium's MuJoCo locomotion and control tasks (FPMD's benchmark is v4). Pusher-v4 needs mujoco<3: v5 only.
+GYM_MUJOCO_TASKS = tuple(
+    f"{env}-{version}"
+    for env in ("Ant", "HalfCheetah", "Hopper", "Humanoid", "HumanoidStandup", "InvertedDoublePendulum",
+                "InvertedPendulum", "Pusher", "Reacher", "Swimmer", "Walker2d")
+    for version in ("v4", "v5")
+    if (env, version) != ("Pusher", "v4")
+)
+GYM_FAMILY = "gym"
 OGBENCH_TASK_IDS = (1, 2, 3, 4, 5)
 # OGBench's default single task when the name has no task number.
 OGBENCH_DEFAULT_TASK = {"pointmaze": 1}
@@ -47,13 +58,13 @@ class DatasetSpec:
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
-    name: str  # canonical task name, e.g. "cube-single-play-singletask-task2", "walker-walk"
-    dataset: DatasetSpec  # the task's default (reward-free) dataset
-    task: str  # OGBench: "task2"; DMC: "walk"
+    name: str  # canonical task name, e.g. "cube-single-play-singletask-task2", "walker-walk", "Hopper-v4"
+    dataset: DatasetSpec | None  # the task's default (reward-free) dataset; None for Gymnasium MuJoCo tasks
+    task: str  # OGBench: "task2"; DMC: "walk"; Gymnasium: the env id
 
     @property
     def family(self) -> str:
-        return self.dataset.family
+        return self.dataset.family if self.dataset is not None else GYM_FAMILY
 
     @property
     def task_id(self) -> int | None:
@@ -63,7 +74,7 @@ class TaskSpec:
     @property
     def ogbench_env_id(self) -> str:
         """The gymnasium id OGBench registers for this task, e.g. 'cube-single-singletask-task2-v0'."""
-        if self.family == "dmc":
+        if self.family in ("dmc", GYM_FAMILY):
             raise ValueError(f"{self.name} is not an OGBench task")
         return f"{self.dataset.env}-singletask-{self.task}-v0"
 
@@ -87,7 +98,7 @@ def all_task_names() -> list[str]:
             names += [f"{spec.env}-{t}" for t in DMC_TASKS[spec.env]]
         else:
             names += [f"{d}-singletask-task{i}" for i in OGBENCH_TASK_IDS]
-    return names
+    return names + list(GYM_MUJOCO_TASKS)
 
 
 def parse_dataset(name: str) -> DatasetSpec:
@@ -132,7 +143,9 @@ def parse_task(name: str) -> TaskSpec:
     domain, _, task = name.partition("-")
     if domain in DMC_TASKS and task in DMC_TASKS[domain]:
         return TaskSpec(name, parse_dataset(f"{domain}-{DMC_DATASET_MODE}"), task)
+    if raw.strip() in GYM_MUJOCO_TASKS:
+        return TaskSpec(raw.strip(), None, raw.strip())
     raise FluxrlError(
         f"Unknown task name '{raw}'; tasks look like cube-single-play-singletask-task2, "
-        f"pointmaze-medium-navigate-singletask-task1 or walker-walk (run `fluxrl tasks` for the full list)."
+        f"pointmaze-medium-navigate-singletask-task1, walker-walk or Hopper-v4 (run `fluxrl tasks` for the full list)."
     )

@@ -28,14 +28,18 @@ def flags(argv):
 @pytest.mark.parametrize("check", checks.CHECKS)
 def test_commands_use_known_agents_and_fields(check, tmp_path):
     runs = checks.commands(check, "DATA", str(tmp_path), "cpu", None, None, None)
-    assert len(runs) >= 4 and len({d for d, _ in runs}) == len(runs)
+    assert len(runs) >= (2 if check in checks.ONLINE_CHECKS else 4) and len({d for d, _ in runs}) == len(runs)
     for run_dir, argvs in runs:
         assert argvs[-1][argvs[-1].index("--run_dir") + 1] == run_dir
         for argv in argvs:
             given = flags(argv)
-            assert given["dataset"].startswith("DATA" + os.sep)
+            if check in checks.ONLINE_CHECKS:  # online from scratch: no dataset, no offline steps
+                assert "dataset" not in given and given["steps"] == "0"
+                assert int(given["warmup_steps"]) < int(given["online_steps"])
+            else:
+                assert given["dataset"].startswith("DATA" + os.sep)
             # A stopped run resumes from its last checkpoint, so there must be some before the end.
-            assert int(given["save_interval"]) < int(given["steps"])
+            assert int(given["save_interval"]) < int(given["steps"]) + int(given.get("online_steps", 0))
             if "eval_interval" in given:
                 assert int(given["save_interval"]) <= int(given["eval_interval"])
             if argv[0] == "finetune":
@@ -56,6 +60,15 @@ def test_overrides_and_selection(tmp_path):
         given = flags(argv)
         assert (given["steps"], given["seeds"], given["preset"]) == ("1000", "5", "paper")
     assert flags(runs[0][1][0])["agent.lam"] == "1.0"
+
+
+def test_online_checks_override_the_online_steps(tmp_path):
+    runs = checks.commands("pendulum", "DATA", str(tmp_path), "paper", 500, 2, {"fpmd"})
+    [(run_dir, [argv])] = runs
+    given = flags(argv)
+    assert (argv[1], os.path.basename(run_dir)) == ("fpmd", "fpmd")
+    assert (given["steps"], given["online_steps"], given["seeds"], given["preset"]) == ("0", "500", "2", "paper")
+    assert checks.datasets_of("pendulum") == ()
 
 
 def test_every_dataset_has_a_generator():

@@ -23,11 +23,15 @@ def test_task_names_and_defaults():
     assert parse_task("pointmaze-medium-navigate-singletask-task3").ogbench_env_id == "pointmaze-medium-singletask-task3-v0"
     j = parse_task("jaco-reach_top_left")
     assert (j.family, j.task, j.dataset.name, j.task_id) == ("dmc", "reach_top_left", "jaco-explore", None)
-    assert len(all_task_names()) == 10 * 5 + 2 * 5 + 16
+    assert len(all_task_names()) == 10 * 5 + 2 * 5 + 16 + 21
+    h = parse_task("Hopper-v4")
+    assert (h.name, h.family, h.task, h.dataset, h.task_id) == ("Hopper-v4", "gym", "Hopper-v4", None, None)
+    assert "Pusher-v5" in all_task_names() and "Pusher-v4" not in all_task_names()  # v4 needs mujoco<3
 
 
 @pytest.mark.parametrize("bad", ["cube-single-play-singletask-task6", "cube-single-singletask-task1", "walker-fly",
-                                 "walker-explore-singletask-task1", "", "cube-single-play-val-singletask-task1"])
+                                 "walker-explore-singletask-task1", "", "cube-single-play-val-singletask-task1",
+                                 "hopper-v4", "Hopper-v3", "Pusher-v4"])
 def test_unknown_tasks_raise(bad):
     with pytest.raises(FluxrlError, match="Unknown task"):
         parse_task(bad)

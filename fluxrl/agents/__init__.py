@@ -26,6 +26,7 @@ _MODULES = {
     "qam": "fluxrl.agents.qam",
     "gfp": "fluxrl.agents.gfp",
     "dflow": "fluxrl.agents.dflow",
+    "fpmd": "fluxrl.agents.fpmd",
 }
 
 

@@ -16,6 +16,7 @@ import sys
 import tempfile
 
 from fluxrl.data import generate as generate_module
+from fluxrl.errors import FluxrlError
 from fluxrl.names import parse_task
 
 
@@ -26,7 +27,13 @@ def cache_dir() -> str:
 def default_dataset_path(task_name: str) -> str:
     """Path of the default dataset of `task_name` (e.g. cube-single-play for cube-single-play-singletask-task2),
     generating it into the cache first if needed."""
-    name = parse_task(task_name).dataset.name
+    spec = parse_task(task_name)
+    if spec.dataset is None:
+        raise FluxrlError(
+            f"Task {spec.name} has no dataset fluxrl can generate: pass --dataset FILE (e.g. a D4RL hdf5 file), or "
+            f"train online from scratch with --steps 0 --online_steps N."
+        )
+    name = spec.dataset.name
     directory = cache_dir()
     path = os.path.join(directory, f"{name}.npz")
     val = generate_module.val_path(path)

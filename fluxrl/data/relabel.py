@@ -29,6 +29,11 @@ def relabel(data: Mapping[str, np.ndarray], task_name: str, source: str = "datas
 
     source: how errors name the data (e.g. its file path)."""
     spec = parse_task(task_name)
+    if spec.family == "gym":
+        raise FluxrlError(
+            f"{source} has no rewards, and fluxrl cannot compute {spec.name}'s from stored states: give a dataset "
+            f"that has its rewards (D4RL and Minari files do)."
+        )
     if spec.family == "dmc":
         from fluxrl.data.relabel_dmc import relabel_dmc
 

@@ -1,4 +1,5 @@
-"""Environments: `make_env(task_name)` for OGBench single tasks and DMC tasks; evaluation and videos.
+"""Environments: `make_env(task_name)` for OGBench single tasks, DMC tasks and Gymnasium's MuJoCo tasks; evaluation
+and videos.
 
 MuJoCo picks its OpenGL backend when it is first imported, so MUJOCO_GL is set here (osmesa, which renders
 offscreen on any Linux machine with libosmesa6) unless the user chose one; set MUJOCO_GL=egl for GPU rendering.
@@ -42,6 +43,12 @@ def make_env(task_name: str, seed: int | None = None, render_size: int | None = 
         if kwargs:
             raise FluxrlError(f"DMC task '{spec.name}' takes no extra options, got {', '.join(sorted(kwargs))}.")
         return make_dmc_env(spec, seed=seed, render_size=render_size)
+    if spec.family == "gym":
+        from fluxrl.envs.gym_mujoco import make_gym_mujoco_env
+
+        if kwargs:
+            raise FluxrlError(f"Gymnasium task '{spec.name}' takes no extra options, got {', '.join(sorted(kwargs))}.")
+        return make_gym_mujoco_env(spec, seed=seed, render_size=render_size)
     from fluxrl.envs.ogbench_envs import make_ogbench_env
 
     return make_ogbench_env(spec, seed=seed, render_size=render_size, **kwargs)

@@ -158,8 +158,8 @@ class RunResult:
     last_eval: dict | None  # {"step": s, "rows": [{"seed": v, "evaluation/...": x}, ...]}
 
 
-def _has_success(task: str) -> bool:
-    """Whether the task's environment reports success (OGBench tasks do, DMC tasks do not)."""
+def has_success(task: str) -> bool:
+    """Whether the task's environment reports success (OGBench tasks do; DMC and Gymnasium tasks do not)."""
     from fluxrl.names import parse_task
 
     try:
@@ -758,8 +758,8 @@ class Trainer:
             rows.append({"seed": v, **{f"evaluation/{k}": float(x) for k, x in stats.items()}})
         self.sink.write("eval", step, rows)
         self.last_eval = {"step": step, "rows": rows}
-        # DMC tasks have no success signal (the evaluator reports 0): show their return instead.
-        goal_task = self.cfg.task.strip() and _has_success(self.cfg.task)
+        # DMC and Gymnasium tasks have no success signal (the evaluator reports 0): show their return instead.
+        goal_task = self.cfg.task.strip() and has_success(self.cfg.task)
         name = "evaluation/success" if goal_task and "evaluation/success" in rows[0] else "evaluation/return"
         if name in rows[0]:
             self.progress.set_eval(f"eval {name.split('/')[1]} {np.mean([r[name] for r in rows]):.3g} @ {step}")
