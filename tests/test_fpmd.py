@@ -131,10 +131,14 @@ def test_deterministic_acting_is_best_of_n_without_noise():
 
 
 @pytest.mark.slow
-def test_bandit_policy_concentrates_on_the_known_optimum():
+@pytest.mark.parametrize("particles", [8, 1])
+def test_bandit_policy_concentrates_on_the_known_optimum(particles):
     """A contextual bandit (discount 0) with r = -||a - a*||^2 from uniformly random logged actions: the critic
-    learns r, and the mirror-descent steps move the flow policy's own samples onto a* and narrow them."""
-    config = dataclasses.replace(fpmd.PRESETS["cpu"], actor_hidden=(64, 64), critic_hidden=(64, 64), discount=0.0)
+    learns r, and the updates move the flow policy's own samples onto a* and narrow them. With one particle there
+    is no best-of-N selection, so the move is the mirror-descent weighting's alone (with the weights set to 1 the
+    mean stays ~0.6 from a*)."""
+    config = dataclasses.replace(fpmd.PRESETS["cpu"], actor_hidden=(64, 64), critic_hidden=(64, 64), discount=0.0,
+                                 num_particles=particles)
     optimum = np.array([0.5, -0.3], np.float32)
     n = 4096
     rng = np.random.default_rng(0)
@@ -161,14 +165,15 @@ def test_bandit_policy_concentrates_on_the_known_optimum():
         return np.asarray(jnp.clip(fpmd.sample_flow(state.target_params["actor"], observations, x0, config), -1, 1))
 
     before = policy_samples(state)
-    for i in range(2):
+    for i in range(2 if particles > 1 else 4):
         state = train(state, jax.random.key(i))
     after = policy_samples(state)
     assert np.linalg.norm(before.mean(0) - optimum) > 0.3
-    assert np.linalg.norm(after.mean(0) - optimum) < 0.1
+    assert np.linalg.norm(after.mean(0) - optimum) < (0.1 if particles > 1 else 0.15)
     assert np.all(after.std(0) < 0.8 * before.std(0))
-    acted = np.asarray(fpmd.act(state, observations[:200], jax.random.key(3), True))
-    assert np.linalg.norm(acted.mean(0) - optimum) < 0.05
+    if particles > 1:
+        acted = np.asarray(fpmd.act(state, observations[:200], jax.random.key(3), True))
+        assert np.linalg.norm(acted.mean(0) - optimum) < 0.05
 
 
 def test_paper_preset_is_the_official_script():
