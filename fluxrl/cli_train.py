@@ -25,6 +25,7 @@ import os
 import sys
 
 from fluxrl.errors import FluxrlError, TrainingInterrupted
+from fluxrl.names import has_success
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
@@ -172,8 +173,6 @@ def finetune_main(argv: list[str]) -> int:
 
 
 def _final_line(result, task: str) -> str:
-    from fluxrl.train.engine import has_success
-
     text = f"Finished {result.run_dir} at step {result.step}"
     if result.last_eval:
         rows = result.last_eval["rows"]
@@ -203,7 +202,8 @@ def plot_main(argv: list[str]) -> int:
     parser = _Parser(prog="fluxrl plot", description="Learning curves: mean and 95% bootstrap CI over seeds/runs.")
     parser.add_argument("run_dirs", nargs="+")
     parser.add_argument("--out", required=True, help="image file (.png, .pdf, .svg)")
-    parser.add_argument("--metric", help="column to plot (default evaluation/success, else evaluation/return)")
+    parser.add_argument("--metric", help="column to plot (default evaluation/success on tasks with a success "
+                                         "signal, else evaluation/return)")
     parser.add_argument("--overwrite", action="store_true")
     opts = parser.parse_args(argv)
     print(plot_runs(opts.run_dirs, opts.out, metric=opts.metric, overwrite=opts.overwrite))
@@ -216,7 +216,8 @@ def table_main(argv: list[str]) -> int:
     parser = _Parser(prog="fluxrl table", description="Results table: a metric's mean over seeds at each evaluation "
                      "and its final value, one row per run.")
     parser.add_argument("run_dirs", nargs="+")
-    parser.add_argument("--metric", help="column to tabulate (default evaluation/success, else evaluation/return)")
+    parser.add_argument("--metric", help="column to tabulate (default evaluation/success on tasks with a success "
+                                         "signal, else evaluation/return)")
     parser.add_argument("--out", help="write to this .md (Markdown) or .csv (a row per run and step) file instead "
                         "of printing Markdown")
     parser.add_argument("--overwrite", action="store_true")

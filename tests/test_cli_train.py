@@ -356,6 +356,28 @@ def test_plot_labels_split_runs_only_where_their_agent_configs_differ(tmp_path):
     assert run_labels([a, b]) == {a: "fql / t (cpu)", b: "fql / t (cpu)"}
 
 
+def test_default_metric_is_the_return_where_the_task_has_no_success_signal(tmp_path):
+    """DMC and Gymnasium tasks log evaluation/success = 0 they do not measure: plot and table show their return."""
+    from fluxrl.train.plotting import default_metric
+    from fluxrl.train.tables import table_rows
+
+    def fake_run(name, task):
+        run = tmp_path / name
+        run.mkdir()
+        record = {"agent": "fpmd", "train": {"task": task, "preset": "cpu", "steps": 0}, "agent_config": {}}
+        (run / "config.json").write_text(json.dumps(record))
+        (run / "eval.csv").write_text("step,seed,evaluation/return,evaluation/success\n0,0,4.0,0.0\n10,0,80.0,0.0\n")
+        return str(run)
+
+    gym, dmc = fake_run("gym", "InvertedPendulum-v4"), fake_run("dmc", "walker-stand")
+    cube = fake_run("cube", "cube-single-play-singletask-task2")
+    assert default_metric([gym]) == default_metric([gym, dmc]) == "evaluation/return"
+    assert default_metric([gym, cube]) == "evaluation/success"
+    metric, rows = table_rows([gym])
+    assert metric == "evaluation/return" and rows[0]["values"] == {0: [4.0], 10: [80.0]}
+    assert rows[0]["dataset"] == "none (online)"  # no --dataset and no offline steps: online from scratch
+
+
 def test_plot_band_is_a_bootstrap_interval_of_the_mean():
     from fluxrl.train.plotting import aggregate
 

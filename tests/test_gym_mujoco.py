@@ -76,3 +76,43 @@ def test_fpmd_online_from_scratch_on_a_gym_task(tmp_path, capsys):
     # The task has no success signal: the final line gives the return only.
     final = capsys.readouterr().out.strip().splitlines()[-1]
     assert "evaluation/return" in final and "success" not in final
+
+
+def _d4rl_file(path, obs_dim, act_dim, episodes=3, length=40):
+    """A D4RL-style hdf5 file (observations, actions, rewards, terminals, timeouts) of time-limited episodes."""
+    import h5py
+
+    rng = np.random.default_rng(0)
+    n = episodes * length
+    timeouts = np.zeros(n, bool)
+    timeouts[length - 1::length] = True
+    with h5py.File(path, "w") as f:
+        f.create_dataset("observations", data=rng.normal(size=(n, obs_dim)).astype(np.float32))
+        f.create_dataset("actions", data=rng.uniform(-1, 1, (n, act_dim)).astype(np.float32))
+        f.create_dataset("rewards", data=rng.normal(size=n).astype(np.float32))
+        f.create_dataset("terminals", data=np.zeros(n, bool))
+        f.create_dataset("timeouts", data=timeouts)
+    return str(path)
+
+
+def test_offline_training_on_a_d4rl_file_of_the_task(tmp_path, capsys):
+    """A D4RL hopper-shaped file (11-dim observations, 3-dim actions) trains offline on Hopper-v4 and evaluates
+    there; a file of another observation size is refused before anything is written."""
+    dataset = _d4rl_file(tmp_path / "hopper.hdf5", 11, 3)
+    run = tmp_path / "run"
+    code = main(["train", "iql", "--task", "Hopper-v4", "--dataset", dataset, "--steps", "20", "--preset", "cpu",
+                 "--run_dir", str(run), "--log_interval", "10", "--eval_interval", "20", "--eval_episodes", "1",
+                 "--save_interval", "20", "--quiet", "--agent.actor_hidden", "16", "--agent.critic_hidden", "16",
+                 "--agent.batch_size", "8"])
+    assert code == 0
+    with open(run / "eval.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["0", "20"] and all(float(r["evaluation/length"]) >= 1 for r in rows)
+    ant_shaped = _d4rl_file(tmp_path / "ant.hdf5", 111, 8)
+    capsys.readouterr()
+    code = main(["train", "iql", "--task", "Ant-v4", "--dataset", ant_shaped, "--steps", "20", "--preset", "cpu",
+                 "--run_dir", str(tmp_path / "ant"), "--quiet"])
+    err = capsys.readouterr().err
+    # Gymnasium's Ant-v4 observes 27 numbers (no contact forces), D4RL's ant files 111.
+    assert code == 2 and "(111,)" in err and "(27,)" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "ant").exists()

@@ -45,6 +45,7 @@ from fluxrl.data.dataset import atomic_write_text
 from fluxrl.data.generate import val_path  # the validation split: -val before .npz (OGBench)
 from fluxrl.data.sampler import Sampler, normalize_observations, observation_stats
 from fluxrl.errors import FluxrlError, TrainingInterrupted
+from fluxrl.names import has_success
 from fluxrl.train import external, intentions
 from fluxrl.train.checkpoint import Checkpointer, all_finite, parse_signature
 from fluxrl.train.config import (
@@ -156,16 +157,6 @@ class RunResult:
     step: int
     seeds: list[int]
     last_eval: dict | None  # {"step": s, "rows": [{"seed": v, "evaluation/...": x}, ...]}
-
-
-def has_success(task: str) -> bool:
-    """Whether the task's environment reports success (OGBench tasks do; DMC and Gymnasium tasks do not)."""
-    from fluxrl.names import parse_task
-
-    try:
-        return parse_task(task).task_id is not None
-    except FluxrlError:  # a name the test fakes invent
-        return True
 
 
 def seed_keys(seed_values, salt: int) -> jax.Array:

@@ -12,9 +12,9 @@ from collections import defaultdict
 import numpy as np
 
 from fluxrl.errors import FluxrlError
+from fluxrl.names import has_success
 from fluxrl.train.loggers import KINDS
 
-DEFAULT_METRICS = ("evaluation/success", "evaluation/return")
 BOOTSTRAP_RESAMPLES = 2000
 
 
@@ -31,6 +31,18 @@ def run_record(run_dir: str) -> dict:
         raise FluxrlError(f"{run_dir} is not a fluxrl run directory (no config.json).")
     with open(path) as f:
         return json.load(f)
+
+
+def default_metric(run_dirs: list[str]) -> str:
+    """evaluation/success where a run's task reports success (OGBench) and the run logged it, else
+    evaluation/return (DMC and Gymnasium tasks log a success of 0 they do not measure)."""
+    for d in run_dirs:
+        if has_success(run_record(d)["train"]["task"]) and run_curves(d, "evaluation/success"):
+            return "evaluation/success"
+    if any(run_curves(d, "evaluation/return") for d in run_dirs):
+        return "evaluation/return"
+    raise FluxrlError("None of the runs has evaluation results yet; choose a logged metric with --metric "
+                      "(e.g. training/<loss name>).")
 
 
 def config_differences(run_dirs: list[str]) -> dict[str, str]:
@@ -100,18 +112,14 @@ def aggregate(curves: list[tuple[np.ndarray, np.ndarray]], seed: int = 0):
 
 
 def plot_runs(run_dirs: list[str], out: str, metric: str | None = None, overwrite: bool = False) -> str:
-    """Draw `metric` (default evaluation/success, else evaluation/return) of `run_dirs` into `out` (PNG, PDF, SVG:
-    by extension); returns `out`."""
+    """Draw `metric` (default: `default_metric`) of `run_dirs` into `out` (PNG, PDF, SVG: by extension); returns
+    `out`."""
     if not run_dirs:
         raise FluxrlError("Give at least one run directory to plot.")
     if os.path.exists(out) and not overwrite:
         raise FluxrlError(f"{out} already exists; refusing to overwrite it (pass --overwrite to replace it).")
     labels = run_labels(run_dirs)
-    if metric is None:
-        metric = next((m for m in DEFAULT_METRICS if any(run_curves(d, m) for d in run_dirs)), None)
-        if metric is None:
-            raise FluxrlError("None of the runs has evaluation results yet; choose a logged metric with --metric "
-                              "(e.g. training/<loss name>).")
+    metric = metric or default_metric(run_dirs)
     groups: dict[str, list] = defaultdict(list)
     for d in run_dirs:
         groups[labels[d]].extend(run_curves(d, metric).values())

@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from fluxrl.errors import FluxrlError
-from fluxrl.train.plotting import DEFAULT_METRICS, config_differences, run_curves, run_record
+from fluxrl.train.plotting import config_differences, default_metric, run_curves, run_record
 
 FORMATS = {".md": "markdown", ".markdown": "markdown", ".csv": "csv"}
 CSV_COLUMNS = ("run_dir", "agent", "config", "preset", "task", "dataset", "metric", "step", "seeds", "mean", "std",
@@ -19,17 +19,13 @@ CSV_COLUMNS = ("run_dir", "agent", "config", "preset", "task", "dataset", "metri
 
 
 def table_rows(run_dirs: list[str], metric: str | None = None) -> tuple[str, list[dict]]:
-    """(metric, one dict per run). `metric` defaults to evaluation/success where any run has it, else
-    evaluation/return. A row's `steps` are the evaluation steps every seed of the run logged (empty if none) and
+    """(metric, one dict per run). `metric` defaults to evaluation/success where a run's task reports success,
+    else evaluation/return. A row's `steps` are the evaluation steps every seed of the run logged (empty if none) and
     `values[step]` the per-seed values there, in seed order."""
     if not run_dirs:
         raise FluxrlError("Give at least one run directory to tabulate.")
     records = {d: run_record(d) for d in run_dirs}
-    if metric is None:
-        metric = next((m for m in DEFAULT_METRICS if any(run_curves(d, m) for d in run_dirs)), None)
-        if metric is None:
-            raise FluxrlError("None of the runs has evaluation results yet; choose a logged metric with --metric "
-                              "(e.g. training/<loss name>).")
+    metric = metric or default_metric(run_dirs)
     differences = config_differences(run_dirs)
     rows = []
     for d in run_dirs:
@@ -39,11 +35,19 @@ def table_rows(run_dirs: list[str], metric: str | None = None) -> tuple[str, lis
         values = {t: [float(curves[s][1][list(curves[s][0]).index(t)]) for s in seeds] for t in steps}
         train = record["train"]
         rows.append({"run_dir": d, "agent": record["agent"], "config": differences[d], "preset": train["preset"],
-                     "task": train["task"], "dataset": os.path.basename(train.get("dataset") or "") or "default",
+                     "task": train["task"], "dataset": _dataset_name(train),
                      "steps": steps, "values": values})
     if not any(row["steps"] for row in rows):
         raise FluxrlError(f"No run logged metric '{metric}' (see the columns of train.csv / eval.csv).")
     return metric, rows
+
+
+def _dataset_name(train: dict) -> str:
+    """The dataset file's name; "default" for the task's generated default; "none (online)" without any (the
+    engine's online-from-scratch case: no offline steps and no --dataset)."""
+    if train.get("dataset"):
+        return os.path.basename(train["dataset"])
+    return "none (online)" if train.get("steps") == 0 else "default"
 
 
 def markdown_table(run_dirs: list[str], metric: str | None = None) -> str:
