@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/learning_checks.py CHECK... [--data DIR] [--runs DIR] [--only RUN,...]
         [--preset cpu] [--steps N] [--seeds K] [--dry-run]
 
-CHECK is one of: cube2 (cube-single task 2), maze3 (point-maze medium task 3) for the offline agents; walker
+CHECK is one of: cube2 (cube-single task 2), maze3 (point-maze medium task 3) for the offline agents;
+imitate_cube2 (Streaming Flow Policy, flow BC and BC on 100 noisy oracle demonstrations of cube-single task 2); walker
 (walker-stand), infom_cube2 and infom_maze3 (the same tasks) for pre-training then fine-tuning, next to IQL and
 ReBRAC trained on the fine-tuning data alone; pendulum (Gymnasium's InvertedPendulum-v4) for FPMD online from
 scratch, next to ReBRAC at α = 0 (TD3 with LayerNorm). Runs go one after another into RUNS/CHECK/RUN; a run
@@ -21,6 +22,7 @@ import subprocess
 import sys
 from typing import NamedTuple
 
+from fluxrl.agents import names as agent_names
 from fluxrl.train.tables import markdown_table
 
 
@@ -74,6 +76,8 @@ DATASETS = {
     "maze": Dataset("pointmaze-medium-navigate-1m.npz", "pointmaze-medium-navigate", 1000, 0),
     "maze_ft": Dataset("pointmaze-medium-navigate-ft-500k.npz", "pointmaze-medium-navigate", 500, 1),
     "walker": Dataset("walker-explore-100.npz", "walker-explore", 100, 0),
+    # `fluxrl data demos`: the task's scripted oracle with N(0, 0.1²) action noise (imitation data)
+    "cube2_demos": Dataset("cube-single-task2-demos-100.npz", "demos cube-single-play-singletask-task2 0.1", 100, 0),
 }
 SPARSE = {"eval_interval": 5000, "eval_episodes": 10, "log_interval": 1000}
 # InFOM fine-tuning runs ~4 updates/s for 3 seeds here: a checkpoint every 1,000 steps bounds what a stop loses.
@@ -88,6 +92,13 @@ EXTRACTION = {
 OFFLINE_CHECKS = {
     "cube2": OfflineCheck("cube", "cube-single-play-singletask-task2", 30000, 3, SPARSE, EXTRACTION),
     "maze3": OfflineCheck("maze", "pointmaze-medium-navigate-singletask-task3", 20000, 3, SPARSE, EXTRACTION),
+    # Imitation: Streaming Flow Policy next to flow BC and Gaussian BC on the oracle's demonstrations.
+    "imitate_cube2": OfflineCheck("cube2_demos", "cube-single-play-singletask-task2", 20000, 3,
+                                  {**SPARSE, "eval_episodes": 20},
+                                  {"sfp": ("--agent.decay_steps", "20000"), "flow_bc": (), "bc": (),
+                                   "sfp_n2": ("--agent.decay_steps", "20000", "--agent.action_horizon", "2"),
+                                   "sfp_det": ("--agent.decay_steps", "20000", "--agent.variant", "deterministic"),
+                                   "sfp_gain5": ("--agent.decay_steps", "20000", "--agent.gain", "5.0")}),
 }
 # Online from scratch (no dataset): FPMD next to ReBRAC, whose α_actor = α_critic = 0 on a task without published
 # values makes it TD3 with LayerNorm, a plain online actor-critic.
@@ -121,7 +132,7 @@ PRETRAIN_CHECKS = {
     "infom_maze3": PretrainCheck("maze", "maze_ft", "pointmaze-medium-navigate-singletask-task3", 20000, 3,
                                  SPARSE_FREQUENT_SAVES, PRETRAIN_COMPARISON, "evaluation/success"),
 }
-CHECKS = ("cube2", "maze3", *PRETRAIN_CHECKS, *ONLINE_CHECKS)
+CHECKS = (*OFFLINE_CHECKS, *PRETRAIN_CHECKS, *ONLINE_CHECKS)
 
 
 def datasets_of(check: str) -> tuple[str, ...]:
@@ -161,7 +172,7 @@ def commands(check: str, data: str, runs: str, preset: str, steps: int | None, s
         for name, extra in spec.runs.items():
             if only and name not in only:
                 continue
-            agent = name.split("_")[0]
+            agent = name if name in agent_names() else name.split("_")[0]
             run_dir = os.path.join(runs, check, name)
             argv = ["train", agent, "--task", spec.task, "--dataset", path, "--steps", str(steps or spec.steps),
                     "--seeds", str(seeds or spec.seeds), "--preset", preset, *_schedule(spec.schedule),
@@ -194,6 +205,10 @@ def commands(check: str, data: str, runs: str, preset: str, steps: int | None, s
 
 def dataset_command(key: str, data: str) -> list[str]:
     spec = DATASETS[key]
+    if spec.generator.startswith("demos "):
+        _, task, noise = spec.generator.split()
+        return ["data", "demos", task, "--out", os.path.join(data, spec.file), "--episodes", str(spec.episodes),
+                "--noise", noise, "--seed", str(spec.seed)]
     return ["data", "generate", spec.generator, "--out", os.path.join(data, spec.file), "--episodes",
             str(spec.episodes), "--seed", str(spec.seed)]
 

@@ -53,6 +53,16 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--overwrite", action="store_true", help="replace existing output files")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    demos = data_sub.add_parser("demos", help="record an OGBench task's scripted oracle (imitation data)")
+    demos.add_argument("task", help="task name, e.g. cube-single-play-singletask-task2")
+    demos.add_argument("--out", required=True, help="output .npz path; the validation split goes to <out>-val.npz")
+    demos.add_argument("--episodes", type=int, default=100)
+    demos.add_argument("--val-episodes", type=int, default=None, help="validation episodes (default: episodes/10)")
+    demos.add_argument("--noise", type=float, default=0.0, help="std of Gaussian noise added to the oracle's actions")
+    demos.add_argument("--seed", type=int, default=0)
+    demos.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    demos.add_argument("--quiet", action="store_true", help="no progress bar")
+
     info = data_sub.add_parser("info", help="print fields, shapes, episodes and reward statistics of a dataset")
     info.add_argument("path")
 
@@ -95,6 +105,15 @@ def _cmd_generate(args) -> int:
         args.name, args.out, episodes=args.episodes, seed=args.seed, workers=args.workers,
         val_episodes=args.val_episodes, overwrite=args.overwrite, progress=not args.quiet,
     )
+    print("wrote " + ", ".join(paths))
+    return 0
+
+
+def _cmd_demos(args) -> int:
+    from fluxrl.data.demos import write_demos
+
+    paths = write_demos(args.task, args.out, episodes=args.episodes, noise=args.noise, seed=args.seed,
+                        val_episodes=args.val_episodes, overwrite=args.overwrite, progress=not args.quiet)
     print("wrote " + ", ".join(paths))
     return 0
 
@@ -211,7 +230,8 @@ def _exported_eval_setup(args):
         raise FluxrlError(f"{path} records no task; name the task to evaluate it on.")
 
     def env_fn(render_size=None):
-        return external.make_env(task, render_size=render_size)
+        env = external.make_env(task, render_size=render_size)
+        return external.with_previous_action(env) if loaded.previous_action else env
 
     probe = env_fn()
     obs_shape, action_dim = tuple(probe.observation_space.shape), int(probe.action_space.shape[-1])
@@ -251,7 +271,7 @@ def _cmd_demo(args) -> int:
 
 
 COMMANDS = {"tasks": _cmd_tasks, "eval": _cmd_eval, "demo": _cmd_demo}
-DATA_COMMANDS = {"generate": _cmd_generate, "info": _cmd_info, "relabel": _cmd_relabel}
+DATA_COMMANDS = {"generate": _cmd_generate, "demos": _cmd_demos, "info": _cmd_info, "relabel": _cmd_relabel}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,9 +24,10 @@ def tiny_config(module):
     return dataclasses.replace(config, batch_size=BATCH, **hidden)
 
 
-def make_batch(keys, seed=0, batch=BATCH):
+def make_batch(keys, seed=0, batch=BATCH, chunk_size=1):
     rng = np.random.default_rng(seed)
     full = {
+        "actions_chunk": rng.uniform(-1, 1, (batch, chunk_size, ACT_DIM)),
         "observations": rng.normal(size=(batch, OBS_DIM)),
         "next_observations": rng.normal(size=(batch, OBS_DIM)),
         "actions": rng.uniform(-1, 1, (batch, ACT_DIM)),
@@ -48,7 +49,10 @@ class Setup:
         self.name = name
         self.module = agents.get(name)
         self.config = tiny_config(self.module)
-        self.batch = make_batch(self.module.BATCH_SPEC.keys)  # exactly the declared fields
+        spec = self.module.batch_spec(self.config) if hasattr(self.module, "batch_spec") else self.module.BATCH_SPEC
+        self.batch = make_batch(spec.keys, chunk_size=spec.chunk_size)  # exactly the declared fields
+        # The rows act returns per observation: SFP streams a chunk of action_horizon actions.
+        self.act_shape = (BATCH, self.config.action_horizon, ACT_DIM) if name == "sfp" else (BATCH, ACT_DIM)
         # init runs eagerly: its many small random ops compile once and are cached across agents, which is
         # cheaper than compiling each agent's whole init graph.
         self.init = self.module.init
@@ -94,8 +98,8 @@ def test_module_declares_the_contract(setup):
 
 def test_paper_defaults_are_the_official_ones(setup):
     """The FQL-codebase defaults (FPMD, from another codebase, is checked in tests/test_fpmd.py)."""
-    if setup.name == "fpmd":
-        pytest.skip("FPMD's official defaults are 3x256 mish networks (tests/test_fpmd.py)")
+    if setup.name in ("fpmd", "sfp"):
+        pytest.skip("FPMD's and SFP's official defaults come from other codebases (tests/test_fpmd.py, test_sfp.py)")
     paper = setup.module.PRESETS["paper"]
     assert paper.lr == 3e-4 and paper.batch_size == 256
     assert paper.actor_hidden == (512, 512, 512, 512)
@@ -159,7 +163,7 @@ def test_vmap_over_seeds_and_loss_metrics(setup):
     # vmapped init runs eagerly: compiling batched random initialisers costs more than running them.
     states = jax.vmap(m.init, in_axes=(0, None, None))(init_keys, setup.batch, setup.config)
     new, metrics, validation, actions = seeds(states, step_keys, setup.batch)
-    assert actions.shape == (3, BATCH, ACT_DIM)
+    assert actions.shape == (3,) + setup.act_shape
     assert all(v.shape == (3,) and np.all(np.isfinite(v)) for v in metrics.values())
     p0, p1 = (jax.tree_util.tree_map(lambda x, i=i: x[i], new.params) for i in (0, 1))
     assert not leaves_equal(p0, p1)  # seeds differ
@@ -206,7 +210,7 @@ def test_act_shapes_bounds_and_determinism(setup):
     obs = setup.batch["observations"] * 100.0  # far outside the data: raw outputs leave [-1, 1]
     for deterministic in (False, True):
         a = setup.act(state, obs, jax.random.key(9), deterministic)
-        assert a.shape == (BATCH, ACT_DIM) and a.dtype == jnp.float32
+        assert a.shape == setup.act_shape and a.dtype == jnp.float32
         assert float(jnp.abs(a).max()) <= 1.0
     det = setup.act(state, setup.batch["observations"], jax.random.key(10), True)
     np.testing.assert_array_equal(det, setup.act(state, setup.batch["observations"], jax.random.key(11), True))

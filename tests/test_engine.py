@@ -637,8 +637,9 @@ def test_registered_agent_offline_to_online_export_and_load(name, tmp_path, data
                  if isinstance(getattr(agent_config, f.name), tuple)
                  and all(isinstance(x, int) for x in getattr(agent_config, f.name))}
     agent_config = dataclasses.replace(agent_config, batch_size=16, **tiny_nets)
-    check_online_fields(tuple(agent_batch_spec(agent, agent_config).keys))  # every agent trains online (QAM: H = 5)
-    online_steps = 5
+    spec = agent_batch_spec(agent, agent_config)
+    check_online_fields(tuple(spec.keys))  # every agent trains online (QAM: H = 5) but those conditioned on a_prev
+    online_steps = 0 if spec.previous_action else 5
     if getattr(agent_config, "obs_norm", "none") != "none":
         agent_config = dataclasses.replace(agent_config, obs_norm="none")
     cfg = config(tmp_path, dataset, seeds=2, steps=10, online_steps=online_steps, log_interval=5,
@@ -649,7 +650,8 @@ def test_registered_agent_offline_to_online_export_and_load(name, tmp_path, data
     rows = _csv(tmp_path / "run" / "train.csv")
     assert rows and all(np.isfinite(float(v)) for r in rows for k, v in r.items() if k.startswith("training/"))
     policy = load_policy(export_policy(str(tmp_path / "run"), seed=1))
-    obs = np.random.default_rng(0).uniform(-1, 1, (4, OBS_DIM)).astype(np.float32)
+    obs_dim = OBS_DIM + (ACT_DIM if spec.previous_action else 0)  # (s, a_prev) observations: SFP
+    obs = np.random.default_rng(0).uniform(-1, 1, (4, obs_dim)).astype(np.float32)
     state = jax.tree_util.tree_map(lambda x: x[1], trainer.carry.agent)
     expected = make_act(agent, True)(state, jnp.asarray(obs), jax.random.key(0))
     np.testing.assert_allclose(np.asarray(policy(obs)), np.asarray(expected), rtol=1e-5, atol=1e-6)

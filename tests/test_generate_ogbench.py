@@ -237,3 +237,35 @@ def test_relabel_dispatches_dmc_tasks(monkeypatch):
     monkeypatch.setattr(relabel_dmc, "relabel_dmc", lambda data, spec: seen.append(spec) or {"done": True})
     assert relabel({"observations": np.zeros((1, 3))}, "walker-run") == {"done": True}
     assert seen[0].name == "walker-run" and seen[0].family == "dmc"
+
+
+def test_oracle_demonstrations_of_a_task(tmp_path, capsys):
+    """`fluxrl data demos`: noisy oracle episodes of the task's evaluation env, each ending at success (mask 0) or
+    the time limit, reproducible from the seed; bad input is refused in one sentence and nothing is overwritten."""
+    from fluxrl.cli import main
+    from fluxrl.data.demos import collect_demos
+    from fluxrl.data.io import load_dataset
+
+    task = "cube-single-play-singletask-task2"
+    out = tmp_path / "demos.npz"
+    assert main(["data", "demos", task, "--out", str(out), "--episodes", "2", "--noise", "0.1", "--quiet"]) == 0
+    data = load_dataset(str(out))
+    assert D.num_episodes(data) == 2 and len(load_dataset(str(tmp_path / "demos-val.npz"))["actions"]) > 0
+    ends = np.flatnonzero(data["terminals"] > 0.5)
+    assert np.all(data["masks"][ends] == 0.0) and np.all(data["rewards"][ends] == 0.0)  # the oracle succeeds
+    assert np.sum(data["masks"] == 0.0) == 2 and np.abs(data["actions"]).max() <= 1.0
+    np.testing.assert_array_equal(data["next_observations"][:-1][data["terminals"][:-1] < 0.5],
+                                  data["observations"][1:][data["terminals"][:-1] < 0.5])
+    again = collect_demos(task, 2, noise=0.1)
+    np.testing.assert_array_equal(again["actions"], data["actions"])
+    assert not np.array_equal(collect_demos(task, 1, noise=0.0)["actions"], data["actions"][: ends[0] + 1])
+
+    capsys.readouterr()
+    before = out.read_bytes()
+    for argv in (["data", "demos", task, "--out", str(out), "--episodes", "2"],
+                 ["data", "demos", "walker-stand", "--out", str(tmp_path / "w.npz")],
+                 ["data", "demos", task, "--out", str(tmp_path / "n.npz"), "--noise", "-1"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: "), err
+    assert out.read_bytes() == before and not (tmp_path / "w.npz").exists() and not (tmp_path / "n.npz").exists()

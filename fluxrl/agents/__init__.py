@@ -27,6 +27,7 @@ _MODULES = {
     "gfp": "fluxrl.agents.gfp",
     "dflow": "fluxrl.agents.dflow",
     "fpmd": "fluxrl.agents.fpmd",
+    "sfp": "fluxrl.agents.sfp",
 }
 
 

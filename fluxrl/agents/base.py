@@ -34,11 +34,14 @@ from fluxrl.errors import FluxrlError
 
 @dataclasses.dataclass(frozen=True)
 class BatchSpec:
-    """The batch fields an agent's update reads (names as in fluxrl.data.sampler), and the length h of the
-    sampler's *_chunk fields when it reads them (action-chunking agents)."""
+    """The batch fields an agent's update reads (names as in fluxrl.data.sampler), the length h of the
+    sampler's *_chunk fields when it reads them (action-chunking agents), and whether the agent's observations
+    carry the previous action (previous_action: the engine appends a_{i-1} to the dataset's observations, zeros
+    at an episode's start, and the same to the env's; such agents train offline)."""
 
     keys: tuple[str, ...]
     chunk_size: int = 1
+    previous_action: bool = False
 
 
 class AgentState(flax.struct.PyTreeNode):

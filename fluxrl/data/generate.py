@@ -80,6 +80,18 @@ def val_path(path: str) -> str:
     return f"{root}-val{ext or '.npz'}"
 
 
+def output_paths(out: str, overwrite: bool) -> list[str]:
+    """[out, its -val split]: an .npz name whose files do not exist yet, unless overwrite."""
+    if not out.endswith(".npz"):
+        raise FluxrlError(f"--out must end with .npz, got '{out}'.")
+    paths = [out, val_path(out)]
+    if not overwrite:
+        for p in paths:
+            if os.path.exists(p):
+                raise FluxrlError(f"{p} already exists; refusing to overwrite it (pass --overwrite to replace it).")
+    return paths
+
+
 def generate(
     name: str,
     out: str,
@@ -96,13 +108,7 @@ def generate(
     spec = parse_dataset(name)
     if spec.split == "val":
         raise FluxrlError(f"Generate '{spec.name}' instead of '{name}': the -val split is written alongside it.")
-    if not out.endswith(".npz"):
-        raise FluxrlError(f"--out must end with .npz, got '{out}'.")
-    paths = [out, val_path(out)]
-    if not overwrite:
-        for p in paths:
-            if os.path.exists(p):
-                raise FluxrlError(f"{p} already exists; refusing to overwrite it (pass --overwrite to replace it).")
+    paths = output_paths(out, overwrite)
     val_spec = DatasetSpec(spec.name, spec.family, spec.env, spec.mode, "val")
     n_train = episodes if episodes is not None else default_episodes(spec)
     n_val = val_episodes if val_episodes is not None else (

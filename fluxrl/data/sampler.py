@@ -183,3 +183,28 @@ def normalize_observations(data: Mapping[str, np.ndarray], stats: Mapping[str, n
         if key in out:
             out[key] = ((np.asarray(out[key], np.float32) - stats["mean"]) / stats["std"]).astype(np.float32)
     return out
+
+
+def with_previous_actions(data: Mapping[str, np.ndarray]) -> dict:
+    """A copy of `data` whose observations carry the action executed before them: observations[i] becomes
+    concat(s_i, a_{i-1}) with a_{i-1} = 0 at an episode's first step, and next_observations[i] becomes
+    concat(s'_i, a_i); the layout fluxrl.envs.wrappers.PreviousActionObservation gives the env's observations.
+    In the compact form the last-state row of an episode gets the episode's last action."""
+    if np.asarray(data["observations"]).ndim != 2:
+        raise FluxrlError("Conditioning on the previous action needs flat (state) observations, got observations "
+                          f"of shape {np.asarray(data['observations']).shape[1:]}.")
+    actions = np.asarray(data["actions"], np.float32)
+    terminals = np.asarray(data["terminals"]) > 0.5
+    continues = ~terminals[:-1]  # row i - 1 leads into row i
+    if is_compact(data):
+        valid = np.asarray(data["valids"]) > 0.5
+        # A valid row leads into the next one within its episode, and into its episode's last-state row.
+        continues = valid[:-1] & (continues | ~valid[1:])
+    previous = np.zeros_like(actions)
+    previous[1:] = np.where(continues[:, None], actions[:-1], 0.0)
+    out = dict(data)
+    out["observations"] = np.concatenate([np.asarray(data["observations"], np.float32), previous], axis=-1)
+    if "next_observations" in data:
+        out["next_observations"] = np.concatenate([np.asarray(data["next_observations"], np.float32), actions],
+                                                  axis=-1)
+    return out

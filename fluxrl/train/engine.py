@@ -43,7 +43,7 @@ import numpy as np
 
 from fluxrl.data.dataset import atomic_write_text
 from fluxrl.data.generate import val_path  # the validation split: -val before .npz (OGBench)
-from fluxrl.data.sampler import Sampler, normalize_observations, observation_stats
+from fluxrl.data.sampler import Sampler, normalize_observations, observation_stats, with_previous_actions
 from fluxrl.errors import FluxrlError, TrainingInterrupted
 from fluxrl.names import has_success
 from fluxrl.train import external, intentions
@@ -356,6 +356,7 @@ class Trainer:
         if self.chunk_size == 1:  # the sampler's default: leave it out (the online replay has no chunk fields)
             self.sample_options = tuple(o for o in self.sample_options if o[0] != "chunk_size")
         self.frame_stack = getattr(spec, "frame_stack", None) or 1
+        self.previous_action = bool(getattr(spec, "previous_action", False))
         self.batch_size = int(self.agent_config.batch_size)
         self.online = config.online_steps > 0
         self.from_scratch = config.steps == 0 and config.dataset is None
@@ -363,6 +364,9 @@ class Trainer:
             check_online_fields(self.fields)
             if self.frame_stack > 1:
                 raise FluxrlError("Frame-stacked agents train offline only: the online replay stores single frames.")
+            if self.previous_action:
+                raise FluxrlError(f"{agent_name(self.agent)} conditions on the previous action and trains offline "
+                                  f"only; drop --online_steps.")
         warmup = config.warmup_steps
         self.warmup = warmup if warmup is not None else (DEFAULT_FROM_SCRATCH_WARMUP if self.from_scratch else 0)
         self.run_dir = os.path.abspath(config.run_dir or self._default_run_dir())
@@ -418,6 +422,8 @@ class Trainer:
         if any(f in ("rewards", "masks", "rewards_chunk", "masks_chunk") for f in self.fields) or self.online:
             if "rewards" not in data or "masks" not in data:
                 data = external.relabel(data, self.cfg.task)
+        if self.previous_action:
+            data = with_previous_actions(data)
         return data, meta
 
     def _setup_data(self) -> None:
@@ -745,7 +751,8 @@ class Trainer:
             stats = external.evaluate(cfg.task, functools.partial(self.act_eval, state), cfg.eval_episodes,
                                       seed=episode_seed(v, EVAL_EPISODE_SALT, step), video_path=video,
                                       video_episodes=cfg.video_episodes if video else 0,
-                                      row_act_fn=functools.partial(self.row_act_eval, state))
+                                      row_act_fn=functools.partial(self.row_act_eval, state),
+                                      previous_action=self.previous_action)
             rows.append({"seed": v, **{f"evaluation/{k}": float(x) for k, x in stats.items()}})
         self.sink.write("eval", step, rows)
         self.last_eval = {"step": step, "rows": rows}

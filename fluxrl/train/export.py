@@ -26,7 +26,7 @@ from fluxrl import installed_version
 from fluxrl.errors import FluxrlError
 from fluxrl.train.checkpoint import Checkpointer, leaf_signature, parse_signature
 from fluxrl.train.config import TrainConfig, from_jsonable, resolve_agent
-from fluxrl.train.engine import CONFIG_FILE
+from fluxrl.train.engine import CONFIG_FILE, agent_batch_spec
 
 POLICY_FILE = "policy.json"
 PARAMS_FILE = "params.npz"
@@ -155,6 +155,8 @@ def export_policy(run_dir: str, seed: int | None = None, out: str | None = None,
         "agent_config": _phase_config_record(record, train, step),
         "example_batch": meta["example_batch"],
         "obs_norm": meta.get("obs_norm"),  # applied to raw observations before act (None: none)
+        # observations end with the last executed action (zeros at an episode's start): PreviousActionObservation
+        "previous_action": bool(getattr(agent_batch_spec(agent, agent_config), "previous_action", False)),
         "task": train.task,
         "seed": seed,
         "step": step,
@@ -191,6 +193,9 @@ class LoadedPolicy:
         # A chunking agent (QAM) samples actions_chunk (H, action_dim) instead of actions (action_dim,).
         self.action_dim = int((spec.get("actions") or spec["actions_chunk"])[0][-1])
         self.config = state.config if hasattr(state, "config") else None
+        # The agent conditions on the previous action: observations are concat(obs, last executed action), zeros
+        # at an episode's start (wrap the env in fluxrl.envs.wrappers.PreviousActionObservation).
+        self.previous_action = bool(meta.get("previous_action", False))
         # How the run's own evaluation acted (e.g. FQL samples its noise there); eval_policy's default.
         self.eval_deterministic = bool(getattr(agent, "EVAL_DETERMINISTIC", True))
         norm = meta.get("obs_norm")

@@ -18,15 +18,28 @@ def make_env(task: str, seed: int | None = None, render_size: int | None = None)
     return _make_env(task, seed=seed, render_size=render_size)
 
 
+def with_previous_action(env):
+    """`env` with the last executed action appended to its observations (fluxrl.envs.wrappers)."""
+    from fluxrl.envs.wrappers import PreviousActionObservation
+
+    return PreviousActionObservation(env)
+
+
 def evaluate(task: str, act_fn: Callable, episodes: int, seed: int, video_path: str | None = None,
-             video_episodes: int = 0, row_act_fn: Callable | None = None) -> dict[str, float]:
+             video_episodes: int = 0, row_act_fn: Callable | None = None,
+             previous_action: bool = False) -> dict[str, float]:
     """Mean return / success / length of `episodes` episodes of the batched actor `act_fn(observations, key)`
     in fresh envs of `task` (fluxrl.envs.evaluate; depends only on `seed`); writes a video of the first
     `video_episodes` episodes to `video_path` if given. With `row_act_fn` (see fluxrl.envs.evaluate.jax_policy)
-    the episodes run side by side, one policy call per step."""
+    the episodes run side by side, one policy call per step. previous_action: the envs' observations carry
+    the last executed action (with_previous_action)."""
     from fluxrl.envs.evaluate import evaluate as _evaluate, jax_policy
 
-    result = _evaluate(lambda render_size=None: make_env(task, render_size=render_size),
+    def env_fn(render_size=None):
+        env = make_env(task, render_size=render_size)
+        return with_previous_action(env) if previous_action else env
+
+    result = _evaluate(env_fn,
                        jax_policy(act_fn, row_act_fn),
                        episodes=episodes, seed=seed, video_path=video_path if video_episodes else None,
                        video_episodes=max(video_episodes, 1))
