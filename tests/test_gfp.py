@@ -19,6 +19,7 @@ from fluxrl.cli_train import main
 from fluxrl.errors import FluxrlError
 from fluxrl.flows import flow_matching_errors
 from fluxrl.train import external, load_policy
+from fluxrl.nn import sinusoidal_embedding
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_engine as tiny  # noqa: E402
@@ -53,7 +54,7 @@ def test_sinusoidal_embedding_is_the_official_formula(dim):
     expected = np.concatenate([np.sin(t * freqs), np.cos(t * freqs)], axis=-1)
     if dim % 2:
         expected = np.concatenate([expected, np.zeros((3, 1))], axis=-1)
-    np.testing.assert_allclose(gfp.sinusoidal_embedding(jnp.asarray(t), dim), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sinusoidal_embedding(jnp.asarray(t), dim), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_vabc_flow_sees_time_only_through_the_embedding():

@@ -162,7 +162,7 @@ def test_trained_velocity_matches_the_exact_marginal_velocity(trained):
     exact = exact_marginal_velocity(config, x, t)
     learned = np.asarray(sfp.velocity_network(config).apply(
         {"params": state.target_params["velocity"]}, jnp.zeros((len(t), 2)), jnp.asarray(x, jnp.float32),
-        jnp.asarray(t, jnp.float32)), np.float64)
+        jnp.asarray(t, jnp.float32)[:, None]), np.float64)
     relative = np.sum((learned - exact) ** 2) / np.sum(exact**2)
     assert relative < 0.05, relative
     # The mixture is not any single demonstration's field: regressing onto one demo alone would be far off.

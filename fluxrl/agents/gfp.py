@@ -35,9 +35,7 @@ actor and VaBC actions inside the TD target, on the distillation target and on t
 from __future__ import annotations
 
 import dataclasses
-import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -54,7 +52,7 @@ from fluxrl.agents.base import (
 )
 from fluxrl.errors import FluxrlError
 from fluxrl.flows import euler, flow_matching_errors
-from fluxrl.nn import MLP, Value, VectorField
+from fluxrl.nn import EmbeddedTimeVectorField, Value, VectorField
 
 NAME = "gfp"
 EVAL_DETERMINISTIC = False
@@ -228,32 +226,6 @@ def _validate(config: Config) -> None:
 
 
 # --- networks -----------------------------------------------------------------------------------------------
-
-
-def sinusoidal_embedding(t: jax.Array, dim: int) -> jax.Array:
-    """[sin(t f_k), cos(t f_k)], f_k = 10000^(-k / (dim/2 - 1)), k < dim/2, zero-padded to an odd dim (the
-    official SinusoidalPosEmb). t has shape (..., 1)."""
-    half = dim // 2
-    freqs = jnp.exp(jnp.arange(half, dtype=t.dtype) * (-math.log(10000.0) / max(half - 1, 1)))
-    args = t * freqs
-    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
-    if dim % 2:
-        emb = jnp.concatenate([emb, jnp.zeros((*emb.shape[:-1], 1), emb.dtype)], axis=-1)
-    return emb
-
-
-class EmbeddedTimeVectorField(nn.Module):
-    """v(s, x, t): an MLP on concat(s, x, sinusoidal(t)), output of x's size (GFP's VaBC flow)."""
-
-    hidden_dims: tuple[int, ...]
-    time_embedding_dim: int
-    layer_norm: bool = False
-
-    @nn.compact
-    def __call__(self, observations: jax.Array, x: jax.Array, times: jax.Array) -> jax.Array:
-        t = jnp.broadcast_to(jnp.asarray(times, x.dtype), (*x.shape[:-1], 1))
-        inputs = jnp.concatenate([observations, x, sinusoidal_embedding(t, self.time_embedding_dim)], axis=-1)
-        return MLP((*self.hidden_dims, x.shape[-1]), layer_norm=self.layer_norm)(inputs)
 
 
 def _vabc(config: Config) -> EmbeddedTimeVectorField:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -42,7 +41,7 @@ import optax
 from fluxrl.agents.base import AgentState, BatchSpec, check_preset, copy_tree, example_dims
 from fluxrl.errors import FluxrlError
 from fluxrl.flows import integrate
-from fluxrl.nn.mlp import MLP
+from fluxrl.nn import EmbeddedTimeVectorField
 
 NAME = "sfp"
 EVAL_DETERMINISTIC = False  # the official evaluation samples z(0) (SFP-S)
@@ -91,31 +90,10 @@ def batch_spec(config: Config) -> BatchSpec:
 BATCH_SPEC = batch_spec(Config())
 
 
-class VelocityNetwork(nn.Module):
-    """v(s, x, t): an MLP on concat(s, x, sinusoidal embedding of t) with x's size as output."""
-
-    hidden_dims: tuple[int, ...]
-    time_embedding_dim: int
-    time_embedding_scale: float
-
-    @nn.compact
-    def __call__(self, observations, x, times):
-        t = jnp.broadcast_to(jnp.asarray(times, x.dtype), x.shape[:-1])
-        embedding = sinusoidal_embedding(t * self.time_embedding_scale, self.time_embedding_dim)
-        return MLP((*self.hidden_dims, x.shape[-1]), activate_final=False)(
-            jnp.concatenate([observations, x, embedding], axis=-1))
-
-
-def sinusoidal_embedding(t: jax.Array, dim: int) -> jax.Array:
-    """DP's SinusoidalPosEmb: [sin(t f_j), cos(t f_j)], f_j = 10000^(-j / (dim/2 - 1)), j < dim / 2."""
-    half = dim // 2
-    freqs = jnp.exp(jnp.arange(half) * -(math.log(10000.0) / max(half - 1, 1)))
-    angles = t[..., None] * freqs
-    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
-
-
-def velocity_network(config: Config) -> VelocityNetwork:
-    return VelocityNetwork(config.velocity_hidden, config.time_embedding_dim, config.time_embedding_scale)
+def velocity_network(config: Config) -> EmbeddedTimeVectorField:
+    """v(s, x, t): an MLP on concat(s, x, sinusoidal embedding of time_embedding_scale * t), x's size out."""
+    return EmbeddedTimeVectorField(config.velocity_hidden, config.time_embedding_dim,
+                                   time_scale=config.time_embedding_scale)
 
 
 def optimizer(config: Config) -> optax.GradientTransformation:
@@ -162,7 +140,7 @@ def init(key: jax.Array, example_batch: dict, config: Config) -> AgentState:
         raise FluxrlError(f"sfp reads the previous action from the observations' last {action_dim} entries, but "
                           f"they have {obs.shape[-1]}.")
     x = jnp.zeros((obs.shape[0], state_dim(config, action_dim)), obs.dtype)
-    params = {"velocity": velocity_network(config).init(key, obs, x, jnp.zeros(obs.shape[:1]))["params"]}
+    params = {"velocity": velocity_network(config).init(key, obs, x, jnp.zeros((obs.shape[0], 1)))["params"]}
     return AgentState(params=params, target_params={"velocity": copy_tree(params["velocity"])},
                       opt_state=optimizer(config).init(params), step=jnp.zeros((), jnp.int32), config=config,
                       action_dim=int(action_dim))
@@ -219,7 +197,7 @@ def flow_loss(velocity_params, batch, key, config: Config, action_dim: int) -> j
     eps = jax.random.normal(key_eps, (batch_size, action_dim))
     z0 = jax.random.normal(key_z, (batch_size, action_dim))
     x, target = conditional_flow(knots, t, eps, z0, config)
-    predicted = velocity_network(config).apply({"params": velocity_params}, batch["observations"], x, t)
+    predicted = velocity_network(config).apply({"params": velocity_params}, batch["observations"], x, t[:, None])
     return jnp.mean((predicted - jax.lax.stop_gradient(target)) ** 2)
 
 

@@ -2,8 +2,11 @@
 
 from fluxrl.nn.distributions import DiagGaussian
 from fluxrl.nn.mlp import MLP, default_init, ensemblize
-from fluxrl.nn.networks import GaussianActor, Value, VectorField, vector_field_given
+from fluxrl.nn.networks import (
+    EmbeddedTimeVectorField, GaussianActor, Value, VectorField, sinusoidal_embedding, vector_field_given,
+)
 
 __all__ = [
-    "MLP", "DiagGaussian", "GaussianActor", "Value", "VectorField", "default_init", "ensemblize", "vector_field_given"
+    "MLP", "DiagGaussian", "EmbeddedTimeVectorField", "GaussianActor", "Value", "VectorField", "default_init",
+    "ensemblize", "sinusoidal_embedding", "vector_field_given",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -43,6 +44,35 @@ class VectorField(nn.Module):
         return MLP((*self.hidden_dims, x.shape[-1]), activate_final=False, layer_norm=self.layer_norm)(
             jnp.concatenate(inputs, axis=-1)
         )
+
+
+def sinusoidal_embedding(t: jax.Array, dim: int) -> jax.Array:
+    """[sin(t f_k), cos(t f_k)], f_k = 10000^(-k / (dim/2 - 1)), k < dim/2, zero-padded to an odd dim (Diffusion
+    Policy's SinusoidalPosEmb, which GFP's and SFP's official code use). t has shape (..., 1)."""
+    half = dim // 2
+    freqs = jnp.exp(jnp.arange(half, dtype=t.dtype) * (-math.log(10000.0) / max(half - 1, 1)))
+    args = t * freqs
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros((*emb.shape[:-1], 1), emb.dtype)], axis=-1)
+    return emb
+
+
+class EmbeddedTimeVectorField(nn.Module):
+    """v(s, x, t): an MLP on concat(s, x, sinusoidal(time_scale * t)), output of x's size (GFP's VaBC flow, SFP's
+    velocity; SFP's official sin_embedding_scale is the time_scale)."""
+
+    hidden_dims: Sequence[int]
+    time_embedding_dim: int
+    layer_norm: bool = False
+    time_scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, observations: jax.Array, x: jax.Array, times: jax.Array) -> jax.Array:
+        t = jnp.broadcast_to(jnp.asarray(times, x.dtype), (*x.shape[:-1], 1))
+        embedding = sinusoidal_embedding(t * self.time_scale, self.time_embedding_dim)
+        return MLP((*self.hidden_dims, x.shape[-1]), layer_norm=self.layer_norm)(
+            jnp.concatenate([observations, x, embedding], axis=-1))
 
 
 def _time_column(times: jax.Array | float, x: jax.Array) -> jax.Array:
