@@ -8,6 +8,7 @@
   fluxrl train AGENT ... | fluxrl export RUN_DIR ... | fluxrl plot RUN_DIR... --out FILE.png
   fluxrl table RUN_DIR... [--metric M] [--out FILE.md|FILE.csv]
   fluxrl pretrain AGENT ... | fluxrl finetune PRETRAIN_DIR ...
+  fluxrl sweep AGENT --root DIR --grid FLAG=V1,V2,... [--backend local|ray] [TRAIN FLAGS ...]
   fluxrl demo [--out DIR]
 
 User errors print one sentence and exit with status 2; nothing already on disk is replaced without --overwrite.
@@ -21,7 +22,7 @@ import sys
 
 from fluxrl.errors import FluxrlError, TrainingInterrupted
 
-ENGINE_COMMANDS = ("train", "pretrain", "finetune", "export", "plot", "table")
+ENGINE_COMMANDS = ("train", "pretrain", "finetune", "export", "plot", "table", "sweep")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,7 +40,8 @@ def _build_parser() -> argparse.ArgumentParser:
                        ("finetune", "fine-tune a pre-training run on a task's rewards"),
                        ("export", "write a run's policy as a self-contained file"),
                        ("plot", "draw learning curves of one or more runs"),
-                       ("table", "tabulate the final and per-evaluation results of one or more runs")):
+                       ("table", "tabulate the final and per-evaluation results of one or more runs"),
+                       ("sweep", "train every point of a grid of train flags, locally or with Ray")):
         sub.add_parser(name, help=text, add_help=False)
     data = sub.add_parser("data", help="generate, inspect and relabel datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)

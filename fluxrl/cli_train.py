@@ -8,6 +8,7 @@
   fluxrl export RUN_DIR [--seed S] [--out PATH] [--step N]
   fluxrl plot RUN_DIR... --out FILE.png [--metric NAME] [--overwrite]
   fluxrl table RUN_DIR... [--metric NAME] [--out FILE.md|FILE.csv] [--overwrite]
+  fluxrl sweep AGENT --root DIR --grid FLAG=V1,V2,... [--backend local|ray] [...] [TRAIN FLAGS ...]
 
 Flags are generated from the frozen config dataclasses with tyro (underscores as in FQL's flags; hyphens work
 too). The agent config starts from --preset with the task's per-task values (for_task); only --agent.* flags
@@ -78,8 +79,38 @@ def _resume_args(argv):
     return parser.parse_args(argv)
 
 
+def parse_train_args(argv: list[str], pretrain: bool = False):
+    """`fluxrl train AGENT FLAGS...` (argv without the command) as (agent_spec, TrainConfig, agent config)."""
+    from fluxrl.train.config import PRETRAIN_SUFFIX, TrainConfig, preset_config, resolve_agent
+
+    agent_spec, rest = argv[0], argv[1:]
+    if pretrain:
+        agent_spec += PRETRAIN_SUFFIX
+    module = resolve_agent(agent_spec)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--task")
+    pre.add_argument("--preset", default="paper")
+    pre.add_argument("--online_steps", "--online-steps", type=int, default=0)
+    known, _ = pre.parse_known_args(rest)
+    asking_help = any(a in ("-h", "--help") for a in rest)
+    if known.task is None and not asking_help:
+        raise FluxrlError(f"--task is required (e.g. fluxrl train {agent_spec} --task "
+                          f"cube-single-play-singletask-task2).")
+    base = (preset_config(module, known.preset, known.task, online=known.online_steps > 0) if known.task
+            else module.PRESETS.get(known.preset, module.Config()))
+    args_cls = _args_class(type(base))
+    # Pre-training is reward-free: no evaluation unless asked for.
+    default = args_cls(**{"task": known.task or "", "preset": known.preset, "agent": base,
+                          **({"eval_episodes": 0} if pretrain else {})})
+    command = "pretrain" if pretrain else "train"
+    args = _tyro_parse(args_cls, rest, default, prog=f"fluxrl {command} {argv[0]}")
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    agent_config = args.agent
+    return agent_spec, config, agent_config
+
+
 def train_main(argv: list[str], pretrain: bool = False) -> int:
-    from fluxrl.train.config import PRETRAIN_SUFFIX, TrainConfig, from_jsonable, preset_config, resolve_agent
+    from fluxrl.train.config import TrainConfig, from_jsonable, resolve_agent
     from fluxrl.train.engine import CONFIG_FILE, Trainer
 
     if not argv or argv[0] in ("-h", "--help"):
@@ -103,29 +134,7 @@ def train_main(argv: list[str], pretrain: bool = False) -> int:
         config = from_jsonable(TrainConfig, dict(record["train"], run_dir=opts.resume, **runtime), path)
         agent_config = from_jsonable(module.Config, record["agent_config"], path)
     else:
-        agent_spec, rest = argv[0], argv[1:]
-        if pretrain:
-            agent_spec += PRETRAIN_SUFFIX
-        module = resolve_agent(agent_spec)
-        pre = argparse.ArgumentParser(add_help=False)
-        pre.add_argument("--task")
-        pre.add_argument("--preset", default="paper")
-        pre.add_argument("--online_steps", "--online-steps", type=int, default=0)
-        known, _ = pre.parse_known_args(rest)
-        asking_help = any(a in ("-h", "--help") for a in rest)
-        if known.task is None and not asking_help:
-            raise FluxrlError(f"--task is required (e.g. fluxrl train {agent_spec} --task "
-                              f"cube-single-play-singletask-task2).")
-        base = (preset_config(module, known.preset, known.task, online=known.online_steps > 0) if known.task
-                else module.PRESETS.get(known.preset, module.Config()))
-        args_cls = _args_class(type(base))
-        # Pre-training is reward-free: no evaluation unless asked for.
-        default = args_cls(**{"task": known.task or "", "preset": known.preset, "agent": base,
-                              **({"eval_episodes": 0} if pretrain else {})})
-        command = "pretrain" if pretrain else "train"
-        args = _tyro_parse(args_cls, rest, default, prog=f"fluxrl {command} {argv[0]}")
-        config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-        agent_config = args.agent
+        agent_spec, config, agent_config = parse_train_args(argv, pretrain)
     result = Trainer(agent_spec, config, agent_config).run()
     print(_final_line(result, config.task), flush=True)
     return 0
@@ -229,8 +238,14 @@ def table_main(argv: list[str]) -> int:
     return 0
 
 
+def sweep_main(argv: list[str]) -> int:
+    from fluxrl.train.sweep import sweep_main as run_sweep
+
+    return run_sweep(argv)
+
+
 COMMANDS = {"train": train_main, "pretrain": pretrain_main, "finetune": finetune_main, "export": export_main,
-            "plot": plot_main, "table": table_main}
+            "plot": plot_main, "table": table_main, "sweep": sweep_main}
 
 
 def run_command(command: str, argv: list[str]) -> int:
