@@ -1,0 +1,236 @@
+"""Flow-Opt (Idoko, Jadhav & Singh, arXiv 2510.09204): multi-robot trajectories sampled from a conditional
+flow-matching generator, then repaired by a fast differentiable safety filter (the paper's learned initialiser of
+that filter is not included).
+No official code is public; this follows the paper's abstract and the authors' precursor SwarmGen (research note
+shared/research/online_flow_algos.md §4), on planar problems (fluxrl.plan.multirobot). Deviations: docs/flowopt.md.
+
+  generator     v_theta(x_t, t | problem): conditional flow matching from N(0, I) to the detour x_1 = c - c_0 of a
+                solution c from the straight-line trajectory c_0 (both Bernstein coefficients, scaled by their
+                training std). The network is permutation-equivariant over robots and invariant over obstacles
+                (a DeepSets stack; the paper's is a DiT with permutation-invariant encoders).
+                L = E || v_theta(x_t, t) - (x_1 - x_0) ||^2,  x_t = (1 - t) x_0 + t x_1,  t ~ U[0, 1];
+                sampling integrates flow_steps Euler steps from x_0 ~ N(0, I).
+  initialiser   not included: the paper's learned warm start of the filter (trained through the unrolled filter)
+                is not part of fluxrl yet (docs/flowopt.md); the filter starts at the sample, zero multipliers.
+  planning      num_samples candidates per problem -> filter (filter_iterations alternations) -> the feasible
+                candidate of least smoothness cost (the least infeasible one when none is feasible).
+
+Training data: for each problem, solutions of the safety filter (many iterations) from random smooth
+perturbations of the straight line, keeping the feasible ones; different perturbations reach different ways
+around the other robots and the obstacles, which the generator learns as a multimodal distribution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fluxrl.errors import FluxrlError
+from fluxrl.nn.mlp import MLP
+from fluxrl.nn.networks import sinusoidal_embedding
+from fluxrl.plan.multirobot import (Problems, Setting, project_boundary, safety_filter, straight_line,
+                                    trajectory_metrics)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowOptConfig:
+    setting: Setting = Setting()
+    hidden: int = 256
+    blocks: int = 3
+    time_embedding_dim: int = 32
+    flow_steps: int = 10
+    filter_iterations: int = 15  # SwarmGen's maxiter
+    lr: float = 3e-4
+    batch_size: int = 64
+    num_samples: int = 16
+
+
+class SetVectorField(nn.Module):
+    """Per-robot outputs from per-robot inputs, equivariant to permuting the robots and invariant to permuting the
+    obstacles: an embedding per robot, then residual blocks that see the robot, the mean over robots and the mean
+    obstacle embedding."""
+
+    hidden: int
+    blocks: int
+    out_dim: int
+
+    @nn.compact
+    def __call__(self, x, robots, obstacles, t_embedding=None):
+        n = x.shape[0]
+        inputs = [x, robots] + ([jnp.broadcast_to(t_embedding, (n, t_embedding.shape[-1]))]
+                                if t_embedding is not None else [])
+        h = MLP((self.hidden, self.hidden))(jnp.concatenate(inputs, -1))
+        if obstacles.shape[0]:
+            o = MLP((self.hidden, self.hidden), activate_final=True)(obstacles).mean(0)
+        else:
+            o = jnp.zeros((self.hidden,), x.dtype)
+        for _ in range(self.blocks):
+            context = jnp.broadcast_to(jnp.concatenate([h.mean(0), o]), (n, 2 * self.hidden))
+            h = h + MLP((self.hidden, self.hidden), layer_norm=True)(jnp.concatenate([nn.LayerNorm()(h), context], -1))
+        return nn.Dense(self.out_dim)(nn.gelu(h))
+
+
+def features(setting: Setting, problem: Problems):
+    """One problem's robot features (N, 4: start, goal) and obstacle features (K, 3: centre, radius), scaled by the
+    workspace size."""
+    w = setting.workspace
+    robots = jnp.concatenate([problem.starts, problem.goals], -1) / w
+    obstacles = jnp.concatenate([problem.obstacles, problem.obstacle_radii[:, None]], -1) / w
+    return robots, obstacles
+
+
+def base_trajectory(setting: Setting, problem: Problems) -> jax.Array:
+    """c_0: the straight line, projected onto the boundary conditions (at rest at both ends)."""
+    return project_boundary(setting, problem, straight_line(setting, problem))
+
+
+def to_robot_rows(setting: Setting, coeffs):
+    """(N * (n + 1), 2) coefficients -> (N, 2 (n + 1)) rows, one per robot."""
+    return coeffs.reshape(setting.num_robots, setting.num_coeffs * 2)
+
+
+def from_robot_rows(setting: Setting, rows):
+    return rows.reshape(setting.num_robots * setting.num_coeffs, 2)
+
+
+def random_detours(setting: Setting, key, batch_shape: tuple, spread: float = 1.5):
+    """Random smooth detours (*batch_shape, N * (n + 1), 2): control points ~ N(0, spread^2) tapered by
+    sin(pi k / n), so the ends stay put."""
+    n = setting.order
+    taper = jnp.sin(jnp.pi * jnp.arange(n + 1) / n)[:, None]
+    noise = spread * jax.random.normal(key, (*batch_shape, setting.num_robots, n + 1, 2)) * taper
+    return noise.reshape(*batch_shape, setting.num_robots * (n + 1), 2)
+
+
+# --- training data --------------------------------------------------------------------------------------------
+def solve_from_perturbations(setting: Setting, problems: Problems, guesses: int, seed: int, iterations: int = 300,
+                             spread: float = 1.5):
+    """Per problem, `guesses` filter solutions (B, G, N * (n + 1), 2) started from the straight line plus a random
+    smooth detour (interior control points ~ N(0, spread^2) tapered by sin(pi k / n)), and whether each is feasible
+    (B, G)."""
+    def one(problem, key):
+        guess = straight_line(setting, problem) + random_detours(setting, key, (), spread)
+        coeffs, _ = safety_filter(setting, problem, guess, iterations)
+        return coeffs, trajectory_metrics(setting, problem, coeffs)["feasible"]
+
+    keys = jax.random.split(jax.random.key(seed), (problems.starts.shape[0], guesses))
+    solve = jax.jit(jax.vmap(jax.vmap(one, in_axes=(None, 0)), in_axes=(0, 0)))
+    return solve(problems, keys)
+
+
+# --- generator --------------------------------------------------------------------------------------------------
+def _generator(config: FlowOptConfig) -> SetVectorField:
+    return SetVectorField(config.hidden, config.blocks, 2 * config.setting.num_coeffs)
+
+
+def generator_velocity(params, config: FlowOptConfig, problem: Problems, x, t):
+    robots, obstacles = features(config.setting, problem)
+    emb = sinusoidal_embedding(jnp.reshape(t, (1,)), config.time_embedding_dim)
+    return _generator(config).apply(params, x, robots, obstacles, emb)
+
+
+def train_generator(config: FlowOptConfig, problems: Problems, solutions, feasible, steps: int, seed: int = 0,
+                    log_every: int = 0):
+    """Fit the generator to the feasible solutions (B, G, ...) of `problems`; returns ({'params', 'scale'},
+    losses per step)."""
+    s = config.setting
+    base = jax.vmap(lambda p: base_trajectory(s, p))(problems)
+    detours = jax.vmap(jax.vmap(lambda c, b: to_robot_rows(s, c - b), in_axes=(0, None)))(solutions, base)
+    problem_index, guess_index = np.nonzero(np.asarray(feasible))
+    if problem_index.size == 0:
+        raise FluxrlError("No feasible solution to train the generator on (more filter iterations or problems?).")
+    targets = detours[problem_index, guess_index]  # (D, N, 2 (n + 1))
+    scale = jnp.maximum(jnp.std(targets), 1e-3)
+    targets = targets / scale
+    key = jax.random.key(seed)
+    key, init_key = jax.random.split(key)
+    params = _generator(config).init(init_key, targets[0], *features(s, problems[0]),
+                                     sinusoidal_embedding(jnp.zeros((1,)), config.time_embedding_dim))
+    optimizer = optax.adam(config.lr)
+    opt_state = optimizer.init(params)
+    problem_index = jnp.asarray(problem_index)
+
+    def loss_fn(params, key):
+        k_idx, k_noise, k_time = jax.random.split(key, 3)
+        idx = jax.random.randint(k_idx, (config.batch_size,), 0, targets.shape[0])
+        x1 = targets[idx]
+        x0 = jax.random.normal(k_noise, x1.shape)
+        t = jax.random.uniform(k_time, (config.batch_size,))
+        xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * x1
+        batch_problems = problems[problem_index[idx]]
+        v = jax.vmap(lambda p, x, t: generator_velocity(params, config, p, x, t))(batch_problems, xt, t)
+        return jnp.mean((v - (x1 - x0)) ** 2)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def chunk(params, opt_state, key):
+        def body(carry, key):
+            params, opt_state = carry
+            loss, grads = jax.value_and_grad(loss_fn)(params, key)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), loss
+
+        (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), jax.random.split(key, 100))
+        return params, opt_state, losses
+
+    losses = []
+    for i in range(0, steps, 100):
+        key, sub = jax.random.split(key)
+        params, opt_state, chunk_losses = chunk(params, opt_state, sub)
+        losses.append(np.asarray(chunk_losses))
+        if log_every and (i // 100) % max(log_every // 100, 1) == 0:
+            print(f"generator step {i + 100}: loss {float(np.mean(losses[-1])):.4f}", flush=True)
+    return {"params": params, "scale": scale}, np.concatenate(losses)[:steps]
+
+
+def sample_trajectories(generator, config: FlowOptConfig, problem: Problems, key, num_samples: int):
+    """(num_samples, N * (n + 1), 2) coefficients for one problem: Euler flow of the generator, un-scaled, added to
+    the straight line."""
+    s = config.setting
+    x = jax.random.normal(key, (num_samples, s.num_robots, 2 * s.num_coeffs))
+    dt = 1.0 / config.flow_steps
+    for i in range(config.flow_steps):
+        t = jnp.full((num_samples,), i * dt)
+        x = x + dt * jax.vmap(lambda x, t: generator_velocity(generator["params"], config, problem, x, t))(x, t)
+    base = base_trajectory(s, problem)
+    return jax.vmap(lambda rows: base + from_robot_rows(s, rows * generator["scale"]))(x)
+
+
+def filter_samples(config: FlowOptConfig, problem: Problems, samples):
+    """Filter each of `samples` (S, ...) of one problem from the filter's default start (the sample itself, zero
+    multipliers); returns (coefficients, residuals (S, iterations))."""
+    return jax.vmap(lambda x: safety_filter(config.setting, problem, x, config.filter_iterations))(samples)
+
+
+# --- planning -------------------------------------------------------------------------------------------------
+def select(setting: Setting, problem: Problems, candidates):
+    """The feasible candidate of least smoothness cost, else the one of largest worst clearance; with its metrics."""
+    metrics = jax.vmap(lambda c: trajectory_metrics(setting, problem, c))(candidates)
+    worst = jnp.minimum(metrics["robot_clearance"], metrics["obstacle_clearance"])
+    score = jnp.where(metrics["feasible"], -metrics["smoothness"], -1e9 + worst)
+    best = jnp.argmax(score)
+    return candidates[best], jax.tree.map(lambda x: x[best], metrics)
+
+
+def plan(config: FlowOptConfig, problems: Problems, key, generator=None, num_samples=None):
+    """Trajectories (B, N * (n + 1), 2) and their metrics for a batch of problems. Without a generator the
+    candidates are the straight line plus random smooth detours (the baseline the generator replaces)."""
+    s = config.setting
+    num_samples = num_samples or config.num_samples
+
+    def one(problem, key):
+        if generator is not None:
+            samples = sample_trajectories(generator, config, problem, key, num_samples)
+        else:
+            samples = straight_line(s, problem)[None] + random_detours(s, key, (num_samples,))
+            samples = samples.at[0].set(straight_line(s, problem))
+        coeffs, _ = filter_samples(config, problem, samples)
+        return select(s, problem, coeffs)
+
+    keys = jax.random.split(key, problems.starts.shape[0])
+    return jax.vmap(one)(problems, keys)
