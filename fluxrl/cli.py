@@ -9,6 +9,7 @@
   fluxrl table RUN_DIR... [--metric M] [--out FILE.md|FILE.csv]
   fluxrl pretrain AGENT ... | fluxrl finetune PRETRAIN_DIR ...
   fluxrl sweep AGENT --root DIR --grid FLAG=V1,V2,... [--backend local|ray] [TRAIN FLAGS ...]
+  fluxrl plan train --out DIR [...] | fluxrl plan run GENERATOR_DIR [--plot FILE.png] [--json FILE] [...]
   fluxrl demo [--out DIR]
 
 User errors print one sentence and exit with status 2; nothing already on disk is replaced without --overwrite.
@@ -93,6 +94,10 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-steps", type=int, default=None)
     ev.add_argument("--json", default=None, help="also write the results (per episode too) to this JSON file")
     ev.add_argument("--overwrite", action="store_true", help="replace an existing --video or --json file")
+
+    from fluxrl.plan.command import add_parsers as add_plan_parsers
+
+    add_plan_parsers(sub, _Parser)
 
     demo = sub.add_parser("demo", help="the main job on an embedded default (no download, no prior step)")
     demo.add_argument("--out", default="demo_out")
@@ -272,7 +277,13 @@ def _cmd_demo(args) -> int:
     return run_demo(args.out, quiet=args.quiet)
 
 
-COMMANDS = {"tasks": _cmd_tasks, "eval": _cmd_eval, "demo": _cmd_demo}
+def _cmd_plan(args) -> int:
+    from fluxrl.plan.command import plan_main
+
+    return plan_main(args)
+
+
+COMMANDS = {"tasks": _cmd_tasks, "eval": _cmd_eval, "demo": _cmd_demo, "plan": _cmd_plan}
 DATA_COMMANDS = {"generate": _cmd_generate, "demos": _cmd_demos, "info": _cmd_info, "relabel": _cmd_relabel}
 
 

@@ -2,6 +2,7 @@
 metrics on hand-made trajectories, the conditional generator against known mode frequencies, and planning."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -168,3 +169,46 @@ def test_a_problem_of_another_size_is_refused():
     pb = sample_problems(Setting(num_robots=3, num_obstacles=1), 1, 0)[0]
     with pytest.raises(FluxrlError, match="3 robots and 1 obstacles does not fit a setting of 4 robots and 2"):
         safety_filter(Setting(), pb, jnp.zeros((44, 2)), 5)
+
+
+def test_a_saved_generator_loads_to_the_same_sampler(tmp_path):
+    from fluxrl.errors import FluxrlError
+
+    s = Setting(num_robots=2, num_obstacles=1)
+    cfg = fo.FlowOptConfig(setting=s, hidden=32, blocks=1)
+    pbs = sample_problems(s, 8, 0)
+    solutions, feasible = fo.solve_from_perturbations(s, pbs, 2, 0, iterations=50)
+    gen, _ = fo.train_generator(cfg, pbs, solutions, np.ones_like(feasible), 100)
+    fo.save_generator(str(tmp_path / "g"), gen, cfg, {"note": "test"})
+    loaded, loaded_cfg, record = fo.load_generator(str(tmp_path / "g"))
+    assert loaded_cfg == cfg and record["note"] == "test"
+    key = jax.random.key(4)
+    assert np.array_equal(np.asarray(fo.sample_trajectories(gen, cfg, pbs[0], key, 3)),
+                          np.asarray(fo.sample_trajectories(loaded, loaded_cfg, pbs[0], key, 3)))
+    with pytest.raises(FluxrlError, match="already exists"):
+        fo.save_generator(str(tmp_path / "g"), gen, cfg)
+
+
+def test_plan_commands_train_then_plan_and_refuse_bad_input(tmp_path, capsys):
+    from fluxrl.cli import main as fluxrl_main
+
+    out = tmp_path / "gen"
+    assert fluxrl_main(["plan", "train", "--out", str(out), "--robots", "2", "--obstacles", "1", "--problems", "16",
+                        "--guesses", "2", "--steps", "100"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["generator.json", "generator.npz"]
+    plot, metrics = tmp_path / "plans.png", tmp_path / "plans.json"
+    assert fluxrl_main(["plan", "run", str(out), "--problems", "3", "--plot", str(plot), "--json", str(metrics)]) == 0
+    assert "Planned 3 swap problems (2 robots, 1 obstacle)" in capsys.readouterr().out
+    record = json.loads(metrics.read_text())
+    assert len(record["problems"]) == 3 and record["filter_iterations"] == 15 and plot.stat().st_size > 1000
+    before = plot.read_bytes()
+    for argv, fragment in [
+        (["plan", "run", str(out), "--plot", str(plot)], "already exists"),
+        (["plan", "run", str(tmp_path / "none")], "holds no Flow-Opt generator"),
+        (["plan", "train", "--out", str(out)], "generator.npz already exists"),
+        (["plan", "train", "--out", str(tmp_path / "x"), "--steps", "0"], "--steps must be at least 1"),
+    ]:
+        assert fluxrl_main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and fragment in err[0], err
+    assert plot.read_bytes() == before and not (tmp_path / "x").exists()

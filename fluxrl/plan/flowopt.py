@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import flax.linen as nn
 import jax
@@ -234,3 +235,94 @@ def plan(config: FlowOptConfig, problems: Problems, key, generator=None, num_sam
 
     keys = jax.random.split(key, problems.starts.shape[0])
     return jax.vmap(one)(problems, keys)
+
+
+# --- files ------------------------------------------------------------------------------------------------------
+GENERATOR_PARAMS = "generator.npz"
+GENERATOR_CONFIG = "generator.json"
+
+
+def save_generator(directory: str, generator, config: FlowOptConfig, record: dict | None = None) -> str:
+    """Write the generator as DIRECTORY/generator.npz (parameters, no pickle) and generator.json (its config, the
+    target scale and `record`, e.g. how it was trained); refuses an existing generator there."""
+    import json
+
+    from flax import traverse_util
+
+    from fluxrl.data.dataset import atomic_write, atomic_write_text
+
+    params_path, config_path = os.path.join(directory, GENERATOR_PARAMS), os.path.join(directory, GENERATOR_CONFIG)
+    for path in (params_path, config_path):
+        if os.path.exists(path):
+            raise FluxrlError(f"{path} already exists; choose another directory.")
+    flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(generator["params"]).items()}
+    atomic_write(params_path, lambda tmp: np.savez(tmp, **flat))
+    meta = {"config": {**dataclasses.asdict(config), "setting": dataclasses.asdict(config.setting)},
+            "scale": float(generator["scale"]), **(record or {})}
+    atomic_write_text(config_path, json.dumps(meta, indent=2))
+    return directory
+
+
+def load_generator(directory: str):
+    """(generator, config, record) from a directory written by save_generator."""
+    import json
+
+    from flax import traverse_util
+
+    params_path, config_path = os.path.join(directory, GENERATOR_PARAMS), os.path.join(directory, GENERATOR_CONFIG)
+    if not (os.path.isfile(params_path) and os.path.isfile(config_path)):
+        raise FluxrlError(f"{directory} holds no Flow-Opt generator ({GENERATOR_PARAMS} and {GENERATOR_CONFIG}; "
+                          f"write one with `fluxrl plan train`).")
+    try:
+        with open(config_path) as f:
+            meta = json.load(f)
+        fields = dict(meta["config"])
+        setting = Setting(**fields.pop("setting"))
+        config = FlowOptConfig(setting=setting, **fields)
+        with np.load(params_path, allow_pickle=False) as data:
+            params = traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(data[k]) for k in data.files})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FluxrlError(f"{directory}: unreadable Flow-Opt generator ({e}).") from None
+    return {"params": params, "scale": jnp.asarray(meta["scale"])}, config, meta
+
+
+def plot_plans(setting: Setting, problems: Problems, coeffs, metrics, out: str, columns: int = 4) -> str:
+    """A figure of the first problems' planned paths: obstacles, each robot's path from start (o) to goal (x), and
+    the robots' discs at mid-time; titles say whether the plan is feasible and its worst clearance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fluxrl.data.dataset import atomic_write
+    from fluxrl.plan.multirobot import positions
+
+    count = min(problems.starts.shape[0], 2 * columns)
+    rows = (count + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
+    w = setting.workspace
+    for i, ax in enumerate(axes.flat):
+        ax.set_xlim(-w, w)
+        ax.set_ylim(-w, w)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if i >= count:
+            ax.axis("off")
+            continue
+        for centre, radius in zip(np.asarray(problems.obstacles[i]), np.asarray(problems.obstacle_radii[i])):
+            ax.add_patch(plt.Circle(centre, radius, color="0.6"))
+        paths = np.asarray(positions(setting, coeffs[i]))
+        for robot, path in enumerate(paths):
+            colour = f"C{robot % 10}"
+            ax.plot(path[:, 0], path[:, 1], color=colour, lw=1.2)
+            ax.plot(*path[0], "o", color=colour, ms=4)
+            ax.plot(*path[-1], "x", color=colour, ms=5)
+            ax.add_patch(plt.Circle(path[len(path) // 2], setting.robot_radius, color=colour, alpha=0.35))
+        worst = min(float(metrics["robot_clearance"][i]), float(metrics["obstacle_clearance"][i]))
+        ax.set_title(f"{'feasible' if bool(metrics['feasible'][i]) else 'infeasible'}, clearance {worst:.2f}",
+                     fontsize=8)
+    fig.tight_layout()
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, format=os.path.splitext(out)[1][1:] or "png"))
+    plt.close(fig)
+    return out
