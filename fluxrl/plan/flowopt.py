@@ -1,6 +1,6 @@
 """Flow-Opt (Idoko, Jadhav & Singh, arXiv 2510.09204): multi-robot trajectories sampled from a conditional
-flow-matching generator, then repaired by a fast differentiable safety filter (the paper's learned initialiser of
-that filter is not included).
+flow-matching generator, then repaired by a fast differentiable safety filter started where a learned
+initialiser says.
 No official code is public; this follows the paper's abstract and the authors' precursor SwarmGen (research note
 shared/research/online_flow_algos.md §4), on planar problems (fluxrl.plan.multirobot). Deviations: docs/flowopt.md.
 
@@ -10,8 +10,11 @@ shared/research/online_flow_algos.md §4), on planar problems (fluxrl.plan.multi
                 (a DeepSets stack; the paper's is a DiT with permutation-invariant encoders).
                 L = E || v_theta(x_t, t) - (x_1 - x_0) ||^2,  x_t = (1 - t) x_0 + t x_1,  t ~ U[0, 1];
                 sampling integrates flow_steps Euler steps from x_0 ~ N(0, I).
-  initialiser   not included: the paper's learned warm start of the filter (trained through the unrolled filter)
-                is not part of fluxrl yet (docs/flowopt.md); the filter starts at the sample, zero multipliers.
+  initialiser   g_phi(c_s | problem) -> (guess shift, multipliers): the filter's start for a candidate, trained
+                self-supervised through the unrolled filter on generator samples of the training problems:
+                L = mean_k log(residual_k + 1e-3) over the filter's iterations (the log keeps far-from-feasible
+                problems from dominating; the paper's exact loss is not verified). Its output layer starts at
+                zero, i.e. at the default start (the sample itself, zero multipliers).
   planning      num_samples candidates per problem -> filter (filter_iterations alternations) -> the feasible
                 candidate of least smoothness cost (the least infeasible one when none is feasible).
 
@@ -50,6 +53,9 @@ class FlowOptConfig:
     lr: float = 3e-4
     batch_size: int = 64
     num_samples: int = 16
+    initializer_lr: float = 1e-3
+    initializer_batch_size: int = 32  # problems per step, each with initializer_samples generator samples
+    initializer_samples: int = 8
 
 
 class SetVectorField(nn.Module):
@@ -60,6 +66,7 @@ class SetVectorField(nn.Module):
     hidden: int
     blocks: int
     out_dim: int
+    zero_output: bool = False  # the initialiser starts exactly at the filter's default start
 
     @nn.compact
     def __call__(self, x, robots, obstacles, t_embedding=None):
@@ -74,7 +81,8 @@ class SetVectorField(nn.Module):
         for _ in range(self.blocks):
             context = jnp.broadcast_to(jnp.concatenate([h.mean(0), o]), (n, 2 * self.hidden))
             h = h + MLP((self.hidden, self.hidden), layer_norm=True)(jnp.concatenate([nn.LayerNorm()(h), context], -1))
-        return nn.Dense(self.out_dim)(nn.gelu(h))
+        kernel_init = nn.initializers.zeros if self.zero_output else nn.initializers.lecun_normal()
+        return nn.Dense(self.out_dim, kernel_init=kernel_init)(nn.gelu(h))
 
 
 def features(setting: Setting, problem: Problems):
@@ -202,10 +210,73 @@ def sample_trajectories(generator, config: FlowOptConfig, problem: Problems, key
     return jax.vmap(lambda rows: base + from_robot_rows(s, rows * generator["scale"]))(x)
 
 
-def filter_samples(config: FlowOptConfig, problem: Problems, samples):
-    """Filter each of `samples` (S, ...) of one problem from the filter's default start (the sample itself, zero
-    multipliers); returns (coefficients, residuals (S, iterations))."""
-    return jax.vmap(lambda x: safety_filter(config.setting, problem, x, config.filter_iterations))(samples)
+# --- initialiser ------------------------------------------------------------------------------------------------
+def _initializer(config: FlowOptConfig) -> SetVectorField:
+    return SetVectorField(config.hidden, config.blocks, 4 * config.setting.num_coeffs, zero_output=True)
+
+
+def init_initializer(config: FlowOptConfig, key):
+    """Parameters whose outputs are zero: the filter's default start (the sample itself, zero multipliers)."""
+    s = config.setting
+    robots = jnp.zeros((s.num_robots, 4))
+    return _initializer(config).init(key, jnp.zeros((s.num_robots, 2 * s.num_coeffs)), robots,
+                                     jnp.zeros((s.num_obstacles, 3)))
+
+
+def initial_values(params, config: FlowOptConfig, problem: Problems, sample):
+    """The filter's start for `sample` (N * (n + 1), 2): (guess, multipliers) = (sample + shift, multipliers)."""
+    s = config.setting
+    out = _initializer(config).apply(params, to_robot_rows(s, sample - base_trajectory(s, problem)),
+                                     *features(s, problem))
+    shift, multipliers = jnp.split(out, 2, axis=-1)
+    return sample + from_robot_rows(s, shift), from_robot_rows(s, multipliers)
+
+
+def filter_samples(config: FlowOptConfig, problem: Problems, samples, initializer=None):
+    """Filter each of `samples` (S, ...) of one problem, from the initialiser's start if given, else from the
+    default one (the sample itself, zero multipliers); returns (coefficients, residuals (S, iterations))."""
+    def one(sample):
+        guess, multipliers = (initial_values(initializer, config, problem, sample) if initializer is not None
+                              else (None, None))
+        return safety_filter(config.setting, problem, sample, config.filter_iterations, guess, multipliers)
+
+    return jax.vmap(one)(samples)
+
+
+def initializer_objective(residuals):
+    """Mean log residual over the filter's iterations: every problem counts alike, however far from feasible."""
+    return jnp.mean(jnp.log(residuals + 1e-3))
+
+
+def train_initializer(config: FlowOptConfig, generator, problems: Problems, steps: int, seed: int = 0):
+    """Fit the initialiser through the unrolled filter on initializer_samples generator samples of each training
+    problem (drawn once); returns (params, losses per step)."""
+    key = jax.random.key(seed)
+    key, init_key, sample_key = jax.random.split(key, 3)
+    num = problems.starts.shape[0]
+    draw = jax.jit(jax.vmap(lambda p, k: sample_trajectories(generator, config, p, k, config.initializer_samples)))
+    samples = draw(problems, jax.random.split(sample_key, num))
+    params = init_initializer(config, init_key)
+    optimizer = optax.adam(config.initializer_lr)
+    opt_state = optimizer.init(params)
+
+    def loss_fn(params, key):
+        idx = jax.random.randint(key, (config.initializer_batch_size,), 0, num)
+        _, residuals = jax.vmap(lambda p, x: filter_samples(config, p, x, params))(problems[idx], samples[idx])
+        return initializer_objective(residuals)
+
+    @jax.jit
+    def step(params, opt_state, key):
+        loss, grads = jax.value_and_grad(loss_fn)(params, key)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    losses = []
+    for _ in range(steps):
+        key, sub = jax.random.split(key)
+        params, opt_state, loss = step(params, opt_state, sub)
+        losses.append(loss)
+    return params, np.asarray(jnp.stack(losses)) if losses else np.zeros(0)
 
 
 # --- planning -------------------------------------------------------------------------------------------------
@@ -218,7 +289,7 @@ def select(setting: Setting, problem: Problems, candidates):
     return candidates[best], jax.tree.map(lambda x: x[best], metrics)
 
 
-def plan(config: FlowOptConfig, problems: Problems, key, generator=None, num_samples=None):
+def plan(config: FlowOptConfig, problems: Problems, key, generator=None, num_samples=None, initializer=None):
     """Trajectories (B, N * (n + 1), 2) and their metrics for a batch of problems. Without a generator the
     candidates are the straight line plus random smooth detours (the baseline the generator replaces)."""
     s = config.setting
@@ -230,7 +301,7 @@ def plan(config: FlowOptConfig, problems: Problems, key, generator=None, num_sam
         else:
             samples = straight_line(s, problem)[None] + random_detours(s, key, (num_samples,))
             samples = samples.at[0].set(straight_line(s, problem))
-        coeffs, _ = filter_samples(config, problem, samples)
+        coeffs, _ = filter_samples(config, problem, samples, initializer)
         return select(s, problem, coeffs)
 
     keys = jax.random.split(key, problems.starts.shape[0])
@@ -240,50 +311,66 @@ def plan(config: FlowOptConfig, problems: Problems, key, generator=None, num_sam
 # --- files ------------------------------------------------------------------------------------------------------
 GENERATOR_PARAMS = "generator.npz"
 GENERATOR_CONFIG = "generator.json"
+INITIALIZER_PARAMS = "initializer.npz"
 
 
-def save_generator(directory: str, generator, config: FlowOptConfig, record: dict | None = None) -> str:
-    """Write the generator as DIRECTORY/generator.npz (parameters, no pickle) and generator.json (its config, the
-    target scale and `record`, e.g. how it was trained); refuses an existing generator there."""
-    import json
-
+def _write_params(path: str, params) -> None:
     from flax import traverse_util
 
-    from fluxrl.data.dataset import atomic_write, atomic_write_text
+    from fluxrl.data.dataset import atomic_write
 
-    params_path, config_path = os.path.join(directory, GENERATOR_PARAMS), os.path.join(directory, GENERATOR_CONFIG)
-    for path in (params_path, config_path):
-        if os.path.exists(path):
-            raise FluxrlError(f"{path} already exists; choose another directory.")
-    flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(generator["params"]).items()}
-    atomic_write(params_path, lambda tmp: np.savez(tmp, **flat))
+    flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+    atomic_write(path, lambda tmp: np.savez(tmp, **flat))
+
+
+def _read_params(path: str):
+    from flax import traverse_util
+
+    with np.load(path, allow_pickle=False) as data:
+        return traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(data[k]) for k in data.files})
+
+
+def save_generator(directory: str, generator, config: FlowOptConfig, record: dict | None = None,
+                   initializer=None) -> str:
+    """Write DIRECTORY/generator.npz (parameters, no pickle), initializer.npz (if given) and generator.json (the
+    config, the target scale and `record`, e.g. how they were trained); refuses existing files there."""
+    import json
+
+    from fluxrl.data.dataset import atomic_write_text
+
+    names = (GENERATOR_PARAMS, GENERATOR_CONFIG) + ((INITIALIZER_PARAMS,) if initializer is not None else ())
+    for name in names:
+        if os.path.exists(os.path.join(directory, name)):
+            raise FluxrlError(f"{os.path.join(directory, name)} already exists; choose another directory.")
+    _write_params(os.path.join(directory, GENERATOR_PARAMS), generator["params"])
+    if initializer is not None:
+        _write_params(os.path.join(directory, INITIALIZER_PARAMS), initializer)
     meta = {"config": {**dataclasses.asdict(config), "setting": dataclasses.asdict(config.setting)},
             "scale": float(generator["scale"]), **(record or {})}
-    atomic_write_text(config_path, json.dumps(meta, indent=2))
+    atomic_write_text(os.path.join(directory, GENERATOR_CONFIG), json.dumps(meta, indent=2))
     return directory
 
 
 def load_generator(directory: str):
-    """(generator, config, record) from a directory written by save_generator."""
+    """(generator, config, record, initializer or None) from a directory written by save_generator."""
     import json
-
-    from flax import traverse_util
 
     params_path, config_path = os.path.join(directory, GENERATOR_PARAMS), os.path.join(directory, GENERATOR_CONFIG)
     if not (os.path.isfile(params_path) and os.path.isfile(config_path)):
         raise FluxrlError(f"{directory} holds no Flow-Opt generator ({GENERATOR_PARAMS} and {GENERATOR_CONFIG}; "
                           f"write one with `fluxrl plan train`).")
+    initializer_path = os.path.join(directory, INITIALIZER_PARAMS)
     try:
         with open(config_path) as f:
             meta = json.load(f)
         fields = dict(meta["config"])
         setting = Setting(**fields.pop("setting"))
         config = FlowOptConfig(setting=setting, **fields)
-        with np.load(params_path, allow_pickle=False) as data:
-            params = traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(data[k]) for k in data.files})
+        params = _read_params(params_path)
+        initializer = _read_params(initializer_path) if os.path.isfile(initializer_path) else None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise FluxrlError(f"{directory}: unreadable Flow-Opt generator ({e}).") from None
-    return {"params": params, "scale": jnp.asarray(meta["scale"])}, config, meta
+    return {"params": params, "scale": jnp.asarray(meta["scale"])}, config, meta, initializer
 
 
 def plot_plans(setting: Setting, problems: Problems, coeffs, metrics, out: str, columns: int = 4) -> str:
