@@ -7,7 +7,8 @@ CHECK is one of: cube2 (cube-single task 2), maze3 (point-maze medium task 3) fo
 imitate_cube2 (Streaming Flow Policy, flow BC and BC on 100 noisy oracle demonstrations of cube-single task 2); walker
 (walker-stand), infom_cube2 and infom_maze3 (the same tasks) for pre-training then fine-tuning, next to IQL and
 ReBRAC trained on the fine-tuning data alone; pendulum (Gymnasium's InvertedPendulum-v4) for FPMD online from
-scratch, next to ReBRAC at α = 0 (TD3 with LayerNorm). Runs go one after another into RUNS/CHECK/RUN; a run
+scratch, next to ReBRAC at α = 0 (TD3 with LayerNorm); walker_o2o (walker-stand, offline on walker-explore then
+online) for SWFP next to FQL. Runs go one after another into RUNS/CHECK/RUN; a run
 directory that already exists is resumed from its last checkpoint (or left alone when finished), so the script can
 be stopped and started again. The datasets are generated into DATA once. `--steps`/`--seeds` override every phase's
 steps (an online check's online steps) and the seed count (e.g. the papers' 1M steps on a GPU, with `--preset
@@ -49,6 +50,8 @@ class OnlineCheck(NamedTuple):
     seeds: int
     schedule: dict
     runs: dict  # run name -> extra flags; the agent is the name's part before "_"
+    dataset: str | None = None  # a DATASETS key: offline-to-online, `offline_steps` on it first
+    offline_steps: int = 0
 
 
 class PretrainRun(NamedTuple):
@@ -106,6 +109,13 @@ ONLINE_CHECKS = {
     "pendulum": OnlineCheck("InvertedPendulum-v4", 10000, 1000, 3,
                             {"eval_interval": 1000, "eval_episodes": 5, "log_interval": 500},
                             {"fpmd": (), "rebrac": ()}),
+    # Offline-to-online: SWFP (a frozen BC flow refined online by JKO flow blocks) next to FQL, whose whole
+    # policy keeps training online; 5k offline steps on the exploratory data, then 20k online (SWFP's cpu preset:
+    # 10 blocks of 2,000 updates). swfp_h01, swfp_h3: the JKO step h = 0.1 and 3 next to the default 1.
+    "walker_o2o": OnlineCheck("walker-stand", 20000, 0, 3,
+                              {"eval_interval": 2500, "eval_episodes": 5, "log_interval": 500},
+                              {"swfp": (), "fql": (), "swfp_h01": ("--agent.step_size", "0.1"),
+                               "swfp_h3": ("--agent.step_size", "3.0")}, dataset="walker", offline_steps=5000),
 }
 # The InFOM issue's comparison: pre-trained InFOM and FOM next to IQL and ReBRAC on the fine-tuning data alone.
 PRETRAIN_COMPARISON = {"infom": PretrainRun("infom", (), 10000), "fom": PretrainRun("fom", (), 10000),
@@ -137,7 +147,7 @@ CHECKS = (*OFFLINE_CHECKS, *PRETRAIN_CHECKS, *ONLINE_CHECKS)
 
 def datasets_of(check: str) -> tuple[str, ...]:
     if check in ONLINE_CHECKS:
-        return ()
+        return (ONLINE_CHECKS[check].dataset,) if ONLINE_CHECKS[check].dataset else ()
     if check in OFFLINE_CHECKS:
         return (OFFLINE_CHECKS[check].dataset,)
     spec = PRETRAIN_CHECKS[check]
@@ -160,7 +170,9 @@ def commands(check: str, data: str, runs: str, preset: str, steps: int | None, s
             if only and name not in only:
                 continue
             run_dir = os.path.join(runs, check, name)
-            argv = ["train", name.split("_")[0], "--task", spec.task, "--steps", "0", "--online_steps",
+            offline = (["--dataset", os.path.join(data, DATASETS[spec.dataset].file)] if spec.dataset else [])
+            argv = ["train", name.split("_")[0], "--task", spec.task, *offline, "--steps",
+                    str(spec.offline_steps), "--online_steps",
                     str(steps or spec.online_steps), "--warmup_steps", str(spec.warmup_steps), "--seeds",
                     str(seeds or spec.seeds), "--preset", preset, *_schedule(spec.schedule), "--run_dir", run_dir,
                     *extra]

@@ -28,6 +28,7 @@ _MODULES = {
     "dflow": "fluxrl.agents.dflow",
     "fpmd": "fluxrl.agents.fpmd",
     "sfp": "fluxrl.agents.sfp",
+    "swfp": "fluxrl.agents.swfp",
 }
 
 

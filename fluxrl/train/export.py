@@ -114,7 +114,6 @@ def export_policy(run_dir: str, seed: int | None = None, out: str | None = None,
     """Write seed `seed`'s policy (default: the run's first seed) from checkpoint `step` (default: the latest) of
     `run_dir` into the new directory `out` (default RUN_DIR/policy_seed<seed>); returns `out`."""
     record, train, agent = _read_run(run_dir)
-    agent_config = from_jsonable(agent.Config, record["agent_config"], os.path.join(run_dir, CONFIG_FILE))
     seeds = [train.seed + i for i in range(train.seeds)]
     seed = seeds[0] if seed is None else seed
     if seed not in seeds:
@@ -127,6 +126,9 @@ def export_policy(run_dir: str, seed: int | None = None, out: str | None = None,
     try:
         meta = checkpointer.read_meta(step)
         step = meta["step"]
+        # The checkpoint's phase decides which leaves act reads (SWFP's online blocks are unused offline).
+        phase_record = _phase_config_record(record, train, step)
+        agent_config = from_jsonable(agent.Config, phase_record, os.path.join(run_dir, CONFIG_FILE))
         example = _example_batch(meta["example_batch"])
         template = jax.jit(agent.init, static_argnums=2)(jax.random.key(0), example, agent_config)
         paths = jax.tree_util.tree_leaves_with_path(template)
@@ -152,7 +154,7 @@ def export_policy(run_dir: str, seed: int | None = None, out: str | None = None,
     policy = {
         "format": FORMAT_VERSION,
         "agent": record["agent"],
-        "agent_config": _phase_config_record(record, train, step),
+        "agent_config": phase_record,
         "example_batch": meta["example_batch"],
         "obs_norm": meta.get("obs_norm"),  # applied to raw observations before act (None: none)
         # observations end with the last executed action (zeros at an episode's start): PreviousActionObservation
