@@ -33,8 +33,12 @@ def test_commands_use_known_agents_and_fields(check, tmp_path):
         assert argvs[-1][argvs[-1].index("--run_dir") + 1] == run_dir
         for argv in argvs:
             given = flags(argv)
-            if check in checks.ONLINE_CHECKS:  # online from scratch: no dataset, no offline steps
+            if check in checks.ONLINE_CHECKS and checks.ONLINE_CHECKS[check].dataset is None:
+                # online from scratch: no dataset, no offline steps
                 assert "dataset" not in given and given["steps"] == "0"
+                assert int(given["warmup_steps"]) < int(given["online_steps"])
+            elif check in checks.ONLINE_CHECKS:  # offline-to-online: offline steps on the dataset first
+                assert given["dataset"].startswith("DATA" + os.sep) and int(given["steps"]) > 0
                 assert int(given["warmup_steps"]) < int(given["online_steps"])
             else:
                 assert given["dataset"].startswith("DATA" + os.sep)
@@ -69,6 +73,12 @@ def test_online_checks_override_the_online_steps(tmp_path):
     assert (argv[1], os.path.basename(run_dir)) == ("fpmd", "fpmd")
     assert (given["steps"], given["online_steps"], given["seeds"], given["preset"]) == ("0", "500", "2", "paper")
     assert checks.datasets_of("pendulum") == ()
+    # Offline-to-online: the offline steps run on the check's dataset, the online steps are overridden.
+    [(_, [argv])] = checks.commands("walker_o2o", "DATA", str(tmp_path), "cpu", 500, 2, {"swfp_h3"})
+    given = flags(argv)
+    assert (argv[1], given["steps"], given["online_steps"], given["agent.step_size"]) == ("swfp", "5000", "500", "3.0")
+    assert given["dataset"] == os.path.join("DATA", checks.DATASETS["walker"].file)
+    assert checks.datasets_of("walker_o2o") == ("walker",)
 
 
 def test_every_dataset_has_a_generator():
