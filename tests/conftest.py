@@ -1,7 +1,9 @@
 """Test-wide settings: MuJoCo's offscreen backend is chosen (fluxrl.envs) before dm_control/ogbench pick one;
-tests marked `mujoco_render` skip where that backend cannot render; matmuls run at full float32 on any backend."""
+tests marked `mujoco_render` skip where that backend cannot render; matmuls run at full float32 on any backend;
+each test module's compiled code is released when the module ends."""
 
 import ctypes.util
+import gc
 import os
 
 import jax
@@ -29,3 +31,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "mujoco_render" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """JAX keeps every compiled executable for the life of the process: an xdist worker grew by ~2 GB per few hundred
+    tests, and one crashed (SIGSEGV inside XLA's compiler) late in the suite; freeing them per module bounds that."""
+    yield
+    jax.clear_caches()
+    gc.collect()
