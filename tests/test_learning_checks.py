@@ -33,15 +33,13 @@ def test_commands_use_known_agents_and_fields(check, tmp_path):
         assert argvs[-1][argvs[-1].index("--run_dir") + 1] == run_dir
         for argv in argvs:
             given = flags(argv)
+            if check in checks.ONLINE_CHECKS:
+                assert int(given["warmup_steps"]) < int(given["online_steps"])
             if check in checks.ONLINE_CHECKS and checks.ONLINE_CHECKS[check].dataset is None:
                 # online from scratch: no dataset, no offline steps
                 assert "dataset" not in given and given["steps"] == "0"
-                assert int(given["warmup_steps"]) < int(given["online_steps"])
-            elif check in checks.ONLINE_CHECKS:  # offline-to-online: offline steps on the dataset first
+            else:  # offline, or offline-to-online: offline steps on the dataset first
                 assert given["dataset"].startswith("DATA" + os.sep) and int(given["steps"]) > 0
-                assert int(given["warmup_steps"]) < int(given["online_steps"])
-            else:
-                assert given["dataset"].startswith("DATA" + os.sep)
             # A stopped run resumes from its last checkpoint, so there must be some before the end.
             assert int(given["save_interval"]) < int(given["steps"]) + int(given.get("online_steps", 0))
             if "eval_interval" in given:

@@ -99,6 +99,12 @@ def policy_noise(key: jax.Array, observations: jax.Array, action_dim: int, deter
     return jnp.where(deterministic, jnp.zeros_like(noises), noises)
 
 
+def optimizer_step(optimizer: optax.GradientTransformation, params, grads, opt_state):
+    """One step of `optimizer` on one module: (new params, new optimizer state)."""
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
 def polyak(online, target, tau: float):
     """target <- tau * online + (1 - tau) * target, leaf by leaf."""
     return jax.tree_util.tree_map(lambda p, tp: tau * p + (1.0 - tau) * tp, online, target)

@@ -48,7 +48,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fluxrl.agents.base import AgentState, BatchSpec, check_preset, copy_tree, example_dims, polyak
+from fluxrl.agents.base import (
+    AgentState,
+    BatchSpec,
+    check_preset,
+    copy_tree,
+    example_dims,
+    optimizer_step,
+    polyak,
+)
 from fluxrl.errors import FluxrlError
 from fluxrl.nn.mlp import MLP, ensemblize
 
@@ -287,11 +295,6 @@ def critic_loss(critic_params, batch, targets, config: Config):
     return losses.sum(), {"critic_loss": losses.mean(), "q_mean": q.mean(), "q_max": q.max(), "q_min": q.min()}
 
 
-def _adam_step(optimizer, params, grads, opt_state):
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-
 def _maybe(flag, new, old):
     """`new` where the traced bool `flag` holds, else `old`, leaf by leaf."""
     return jax.tree_util.tree_map(lambda n, o: jnp.where(flag, n, o), new, old)
@@ -310,24 +313,25 @@ def update(state: State, batch, key):
     targets = jax.lax.stop_gradient(config.reward_scale * batch["rewards"] + config.discount * batch["masks"] * next_q)
 
     critic_grads, critic_info = jax.grad(critic_loss, has_aux=True)(params["critic"], batch, targets, config)
-    critic, critic_opt = _adam_step(critic_optimizer(config), params["critic"], critic_grads, state.opt_state["critic"])
+    critic, critic_opt = optimizer_step(critic_optimizer(config), params["critic"], critic_grads,
+                                        state.opt_state["critic"])
     weighting_critic = jax.lax.stop_gradient(critic)  # the official policy loss reads the critics after one step
     if config.critic_double_step:
-        critic, critic_opt = _adam_step(critic_optimizer(config), critic, critic_grads, critic_opt)
+        critic, critic_opt = optimizer_step(critic_optimizer(config), critic, critic_grads, critic_opt)
 
     q = critic_values(weighting_critic, next_obs, next_actions, config).min(axis=0)
     weights = pmd_weights(q, state.q_std, config.temperature)
     policy_loss, actor_grads = jax.value_and_grad(weighted_flow_loss)(
         params["actor"], next_obs, next_actions, weights, policy_key, config)
     policy_turn = state.step % config.policy_freq == 0
-    actor, actor_opt = _maybe(policy_turn, _adam_step(actor_optimizer(config), params["actor"], actor_grads,
-                                                      state.opt_state["actor"]),
+    actor, actor_opt = _maybe(policy_turn, optimizer_step(actor_optimizer(config), params["actor"], actor_grads,
+                                                          state.opt_state["actor"]),
                               (params["actor"], state.opt_state["actor"]))
 
     alpha_grad = jax.grad(alpha_loss)(state.log_alpha, state.action_dim, config)
     log_alpha, alpha_opt = _maybe(state.step % config.alpha_interval == 0,
-                                  _adam_step(alpha_optimizer(config), state.log_alpha, alpha_grad,
-                                             state.opt_state["log_alpha"]),
+                                  optimizer_step(alpha_optimizer(config), state.log_alpha, alpha_grad,
+                                                 state.opt_state["log_alpha"]),
                                   (state.log_alpha, state.opt_state["log_alpha"]))
 
     new_params = {"critic": critic, "actor": actor}

@@ -49,6 +49,7 @@ from fluxrl.agents.base import (
     check_preset,
     copy_tree,
     example_dims,
+    optimizer_step,
     polyak,
     with_task_values,
 )
@@ -307,25 +308,20 @@ def total_loss(params, state: State, batch, key):
     return loss, metrics
 
 
-def _adam_step(optimizer, params, grads, opt_state):
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-
 def update(state: State, batch, key):
     config = state.config
     grads, metrics = jax.grad(total_loss, has_aux=True)(state.params, state, batch, key)
     params, opt_state = dict(state.params), dict(state.opt_state)
-    params["critic"], opt_state["critic"] = _adam_step(optax.adam(config.lr), state.params["critic"],
-                                                       grads["critic"], state.opt_state["critic"])
+    params["critic"], opt_state["critic"] = optimizer_step(optax.adam(config.lr), state.params["critic"],
+                                                           grads["critic"], state.opt_state["critic"])
     if config.phase == "offline":
-        params["actor_bc_flow"], opt_state["actor_bc_flow"] = _adam_step(
+        params["actor_bc_flow"], opt_state["actor_bc_flow"] = optimizer_step(
             optax.adam(config.lr), state.params["actor_bc_flow"], grads["actor_bc_flow"],
             state.opt_state["actor_bc_flow"])
     else:  # the base flow is frozen; only the stage's block moves
         k = stage(state)
-        block, block_opt = _adam_step(block_optimizer(config), _take(state.params["blocks"], k),
-                                      _take(grads["blocks"], k), _take(state.opt_state["blocks"], k))
+        block, block_opt = optimizer_step(block_optimizer(config), _take(state.params["blocks"], k),
+                                          _take(grads["blocks"], k), _take(state.opt_state["blocks"], k))
         params["blocks"] = _put(state.params["blocks"], k, block)
         opt_state["blocks"] = _put(state.opt_state["blocks"], k, block_opt)
     target = polyak({"critic": state.params["critic"]}, state.target_params, config.tau)
